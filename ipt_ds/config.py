@@ -1,0 +1,185 @@
+"""The experiment configuration: typed sections, merged as defaults < YAML file < `--section.key=value` flags.
+
+DeepSpeed engine settings (ZeRO stage, precision, offload, buckets) live in the JSON named by `deepspeed.config`;
+everything about the experiment lives here. Keys the YAML owns must not appear in the JSON (see `engine.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ipt_ds.backbone import ModelConfig
+from ipt_ds.confload import ConfigError, build, load_yaml_with_lines
+from ipt_ds.heads import HeadConfig
+from ipt_ds.methods import MethodConfig, get_method
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    output_dir: str = ""
+    """Run directory (checkpoints, exports, logs). Empty: runs/<task>-<method>-seed<seed>."""
+    seed: int = 42
+    """Seed for initialisation, data order, few-shot sampling and dropout."""
+    resume: bool = False
+    """Continue the run in output_dir from its `latest` checkpoint."""
+    overwrite: bool = False
+    """Delete an existing output_dir first. Without resume or overwrite an existing run is never touched."""
+    log_every: int = 10
+    """Optimizer steps between logged training losses."""
+    debug: bool = False
+    """Show full tracebacks for user errors."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    task: str = "rte"
+    """Task name (rte, cb, boolq, sst2, multirc, ...; `ipt-ds tasks` lists them) or 'custom' with `fields`."""
+    format: Literal["superglue", "glue", "fewglue", "lmbff", "jsonl", "csv", "tsv", "hub"] = "superglue"
+    """File layout under `root`; jsonl/csv/tsv read the split paths as given; hub loads from the HF hub."""
+    root: str = ""
+    """Data root. Empty: $IPT_DS_DATA, else ../shared/data next to the repo when it exists, else the HF hub."""
+    train_split: str = "train"
+    """Training split name in the layout, or a file path."""
+    eval_split: str = "val"
+    """Split for evaluation during training and model selection."""
+    test_split: str = ""
+    """Optional split scored once with the best checkpoint at the end (labelled files only)."""
+    max_length: int = 256
+    """Token limit per input (prompt positions not included); longer inputs are truncated longest-first."""
+    num_shots: int = 0
+    """Few-shot: sample this many training examples per class (0: use the whole split)."""
+    lmbff_seed: int = 13
+    """LM-BFF data seed (13, 21, 42, 87, 100) for format: lmbff."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Column mapping for custom jsonl/csv files: {text_a: ..., text_b: ..., label: ...}."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    batch_size: int = 32
+    """Global batch size (all ranks, after gradient accumulation)."""
+    micro_batch_size: int = 16
+    """Per-rank batch of one forward/backward; accumulation = batch_size / (micro_batch_size * world size)."""
+    eval_batch_size: int = 64
+    """Per-rank evaluation batch."""
+    epochs: int = 10
+    """Passes over the training set, unless max_steps is set."""
+    max_steps: int = 0
+    """Optimizer steps to train for; 0: derived from epochs."""
+    eval_every: int = 0
+    """Optimizer steps between evaluations (and checkpoints); 0: once per epoch."""
+
+    def validate(self) -> list[str]:
+        problems = [f"train.{k} must be >= 1, got {v}" for k, v in
+                    (("batch_size", self.batch_size), ("micro_batch_size", self.micro_batch_size),
+                     ("eval_batch_size", self.eval_batch_size)) if v < 1]
+        if not problems and self.batch_size % self.micro_batch_size:
+            problems.append(f"train.batch_size {self.batch_size} is not a multiple of train.micro_batch_size "
+                            f"{self.micro_batch_size}")
+        if self.epochs < 1 and self.max_steps < 1:
+            problems.append("set train.epochs or train.max_steps to at least 1")
+        return problems
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay; biases and norm weights are excluded."""
+    warmup_ratio: float = 0.06
+    """Fraction of the steps spent warming up linearly from 0."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warm-up: linear or cosine to 0, or constant."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0: off). Written into the DeepSpeed config as gradient_clipping."""
+
+    def validate(self) -> list[str]:
+        problems = [] if self.lr > 0 else [f"optim.lr must be > 0, got {self.lr}"]
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        return problems
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    config: str = "ds_configs/zero2.json"
+    """DeepSpeed JSON (engine settings only), relative to the current directory or to the repository."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    run: RunConfig
+    model: ModelConfig
+    method: MethodConfig
+    head: HeadConfig
+    data: DataConfig
+    train: TrainConfig
+    optim: OptimConfig
+    deepspeed: DeepSpeedConfig
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def output_path(self) -> Path:
+        return Path(self.run.output_dir or f"runs/{self.data.task}-{self.method.name}-seed{self.run.seed}")
+
+
+SECTIONS = {
+    "run": RunConfig, "model": ModelConfig, "head": HeadConfig, "data": DataConfig,
+    "train": TrainConfig, "optim": OptimConfig, "deepspeed": DeepSpeedConfig,
+}
+DEFAULT_METHOD = "prompt_tuning"
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Build the config; raise one ConfigError listing every problem (with file:line or --flag)."""
+    data, lines = load_yaml_with_lines(Path(path)) if path else ({}, {})
+    problems: list[str] = []
+    cli_keys = set()
+    for dotted, value in (overrides or {}).items():
+        section, _, key = str(dotted).partition(".")
+        if not key:
+            problems.append(f"--{dotted}: flags are --section.key=value, e.g. --optim.lr=1e-3")
+            continue
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            problems.append(f"--{dotted}: section '{section}' is not a mapping in {path}")
+            continue
+        target[key] = value
+        cli_keys.add(dotted)
+
+    def where(dotted: str) -> str:
+        if dotted in cli_keys:
+            return f"--{dotted}"
+        return f"{path}:{lines[dotted]}" if dotted in lines else str(path or "defaults")
+
+    return config_from_dict(data, where=where, problems=problems)
+
+
+def config_from_dict(data: dict, *, where=lambda dotted: "config", problems: list[str] | None = None) -> Config:
+    """Build a Config from nested mappings (a parsed YAML, or the config.json saved with a run or export)."""
+    problems = problems if problems is not None else []
+    for section, values in data.items():
+        if section not in SECTIONS and section != "method":
+            problems.append(f"{where(section)}: unknown section '{section}'; valid: {', '.join([*SECTIONS, 'method'])}")
+        elif not isinstance(values, dict):
+            problems.append(f"{where(section)}: section '{section}' must be a mapping of keys")
+    sections = {name: build(cls, data.get(name) if isinstance(data.get(name), dict) else {}, section=name,
+                            problems=problems, where=where)
+                for name, cls in SECTIONS.items()}
+    method_values = dict(data.get("method") or {}) if isinstance(data.get("method"), dict) else {}
+    method_values.setdefault("name", DEFAULT_METHOD)
+    try:
+        spec = get_method(str(method_values["name"]))
+        sections["method"] = build(spec.config_cls, method_values, section="method", problems=problems, where=where)
+    except ValueError as err:
+        problems.append(f"{where('method.name')}: {err}")
+    if problems:
+        raise ConfigError(problems)
+    return Config(**sections)

@@ -1,0 +1,164 @@
+"""Typed dataclass loading: YAML and `--section.key=value` strings into declared types, every problem reported at once.
+
+Kept apart from `config.py` so that the method modules can use the same machinery for their own config sections
+without importing the experiment config (which imports them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Every problem found in one configuration, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def load_yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
+    """Return the YAML mapping and the line (1-based) of every dotted key, for error messages."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError([f"{path}: cannot read config file ({err.strerror}); check the path"]) from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: broken YAML ({getattr(err, 'problem', err)}); fix the syntax there"]) from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}:1: the top level must be a mapping of sections (run:, model:, ...)"])
+    lines: dict[str, int] = {}
+
+    def walk(n: yaml.Node, prefix: str) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for key_node, value_node in n.value:
+                dotted = f"{prefix}{key_node.value}"
+                lines[dotted] = key_node.start_mark.line + 1
+                walk(value_node, dotted + ".")
+
+    walk(node, "")
+    return data, lines
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def convert(value: Any, tp: Any) -> Any:
+    """Convert `value` (from YAML or a CLI string) to the declared type `tp`; raise ValueError with a reason."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in get_args(tp):
+            try:
+                return convert(value, arm)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError("; ".join(errors))
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ValueError(f"expected null, got {value!r}")
+    if origin is list:
+        (item_type,) = get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list, got {value!r}")
+        return [convert(v, item_type) for v in value]
+    if origin is dict:
+        key_type, value_type = get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping, got {value!r}")
+        return {convert(k, key_type): convert(v, value_type) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ValueError(f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise ValueError(f"expected an integer, got {value!r}") from None
+            if number.is_integer():
+                return int(number)
+        raise ValueError(f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    raise AssertionError(f"unsupported config field type {tp!r}")
+
+
+def build(cls: type, values: dict, *, section: str, problems: list[str], where) -> Any:
+    """Build dataclass `cls` from `values`; append problems (unknown keys, bad types, missing) instead of raising.
+
+    `where(dotted_key)` returns a location prefix such as "cfg.yaml:12" or "--optim.lr" for messages.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{section}.{key}"
+        if key not in fields:
+            valid = ", ".join(sorted(fields))
+            problems.append(f"{where(dotted)}: unknown key '{dotted}'; valid keys in '{section}': {valid}")
+            continue
+        try:
+            kwargs[key] = convert(value, hints[key])
+        except ValueError as err:
+            problems.append(f"{where(dotted)}: '{dotted}' {err} (declared type: {_type_name(hints[key])})")
+    for name, field in fields.items():
+        missing = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        if missing and name not in kwargs and name not in values:
+            problems.append(f"{where(section)}: '{section}.{name}' is required")
+    try:
+        obj = cls(**kwargs)
+    except TypeError:
+        return None  # a required field is missing; already reported above
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        problems.extend(f"{where(section)}: {p}" for p in validate())
+    return obj
+
+
+def as_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

@@ -1,0 +1,79 @@
+"""From the data config to the batches each rank runs: read splits, sample few-shot sets, shard evenly.
+
+Every rank builds the same batch lists from the same seed and takes its own slice, so no rank ever runs a different
+number of forwards than another (ZeRO-3 and gradient all-reduce would hang).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from ipt_ds.data.readers import default_data_root, load_hub_split, read_split, resolve_split
+from ipt_ds.data.sampling import bucket_batches, sample_per_class
+from ipt_ds.data.tasks import Example, Task, get_task
+
+log = logging.getLogger(__name__)
+
+
+def load_examples(cfg, task: Task, split: str) -> list[Example]:
+    """Examples of one split, from the local layout or (format hub / no local data) the HF hub."""
+    root = Path(cfg.root) if cfg.root else default_data_root()
+    if cfg.format == "hub" or root is None:
+        log.info("reading %s/%s from the HF hub (no local data root; set $IPT_DS_DATA or data.root)", task.name, split)
+        return load_hub_split(task, split)
+    if cfg.root and not root.is_dir():
+        raise ValueError(f"data.root '{cfg.root}' is not a directory")
+    layout = cfg.format if cfg.format not in ("jsonl", "csv", "tsv") else "superglue"
+    path = (
+        Path(split)
+        if cfg.format in ("jsonl", "csv", "tsv")
+        else resolve_split(task=task, format=layout, root=root, split=split, lmbff_seed=cfg.lmbff_seed)
+    )
+    if not path.is_file():
+        raise ValueError(f"data: split file '{path}' does not exist")
+    return read_split(path, task, fields=cfg.fields or None)
+
+
+def load_task_splits(cfg, seed: int) -> tuple[Task, list[Example], list[Example], list[Example]]:
+    """(task, train, eval, test) examples; test is empty when no test split is configured."""
+    task = get_task(cfg.task)
+    train = load_examples(cfg, task, cfg.train_split)
+    if cfg.num_shots:
+        train = sample_per_class(train, cfg.num_shots, seed)
+    evaluation = load_examples(cfg, task, cfg.eval_split)
+    test = load_examples(cfg, task, cfg.test_split) if cfg.test_split else []
+    for name, examples in (("train", train), ("eval", evaluation), ("test", test)):
+        if name != "test" and any(e.label is None for e in examples):
+            raise ValueError(
+                f"data.{name}_split '{getattr(cfg, name + '_split')}' has unlabelled examples; "
+                "use a labelled split (test files of GLUE/SuperGLUE have no labels)"
+            )
+    return task, train, evaluation, test
+
+
+def rank_train_batches(
+    lengths: list[int], *, micro_batch_size: int, rank: int, world_size: int, accumulation: int, seed: int
+) -> list[list[int]]:
+    """This rank's micro-batches for one epoch: length-bucketed, equal in number on every rank, and a whole number
+    of optimizer steps (the tail that would leave ranks uneven is dropped; the seed changes the order per epoch)."""
+    batches = bucket_batches(lengths, micro_batch_size, seed)
+    batches = [b for b in batches if len(b) == micro_batch_size] or batches
+    per_rank = len(batches) // world_size // accumulation * accumulation
+    if per_rank == 0:
+        raise ValueError(
+            f"the training split ({len(lengths)} examples) is too small for one optimizer step of "
+            f"{micro_batch_size} x {world_size} ranks x {accumulation} accumulation; lower train.batch_size"
+        )
+    return batches[rank::world_size][:per_rank]
+
+
+def rank_eval_batches(lengths: list[int], *, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's evaluation batches, sorted by length; ranks with one batch fewer get an empty list as a
+    stand-in, which the caller runs on a dummy input so that every rank makes the same number of forwards."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rounds = math.ceil(len(batches) / world_size)
+    mine = batches[rank::world_size]
+    return mine + [[]] * (rounds - len(mine))

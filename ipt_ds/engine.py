@@ -1,0 +1,123 @@
+"""DeepSpeed setup and the training loop: `train` -> `train_step`, with evaluation and checkpoints along the way.
+
+Read top to bottom: distributed setup, the DeepSpeed config (engine keys from JSON, experiment keys from the YAML),
+data, model, `deepspeed.initialize` with only the trainable parameters, then one linear loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ipt_ds.config import REPO_ROOT, Config
+
+log = logging.getLogger("ipt_ds")
+
+# Keys the experiment YAML owns; a DeepSpeed JSON that sets them is an error (one source of truth per setting).
+YAML_OWNED = {
+    "train_batch_size": "train.batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.batch_size / (train.micro_batch_size x world size)",
+    "gradient_clipping": "optim.grad_clip",
+    "optimizer": "optim.*",
+    "scheduler": "optim.schedule and optim.warmup_ratio",
+}
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group the launcher set up, or make a 1-rank one; returns (rank, world_size)."""
+    if "WORLD_SIZE" not in os.environ:  # plain `ipt-ds train`: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    backend = get_accelerator().communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def resolve_ds_config(cfg: Config, *, world_size: int, hidden_size: int | None = None) -> dict:
+    """Read the DeepSpeed JSON and fill in what the YAML owns; a key set in both places is an error."""
+    path = Path(cfg.deepspeed.config)
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        path = REPO_ROOT / path
+    try:
+        ds = json.loads(path.read_text())
+    except OSError:
+        raise ValueError(f"deepspeed.config: cannot read '{cfg.deepspeed.config}'; see ds_configs/ for the shipped "
+                         "ones") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: broken JSON ({err.msg})") from None
+    clashes = [f"'{key}' (set it with {owner} in the YAML)" for key, owner in YAML_OWNED.items() if key in ds]
+    if clashes:
+        raise ValueError(f"{path}: the DeepSpeed config sets keys that the experiment YAML owns: {', '.join(clashes)}; "
+                         "remove them from the JSON")
+    per_step = cfg.train.micro_batch_size * world_size
+    if cfg.train.batch_size % per_step:
+        raise ValueError(f"train.batch_size {cfg.train.batch_size} is not a multiple of train.micro_batch_size "
+                         f"{cfg.train.micro_batch_size} x {world_size} ranks; change one of them")
+    ds.update(train_batch_size=cfg.train.batch_size, train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
+              gradient_accumulation_steps=cfg.train.batch_size // per_step, gradient_clipping=cfg.optim.grad_clip)
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if zero.get("stage") == 3 and hidden_size:
+        # Bucket and persistence sizes that fit the model (transformers' rule), unless the JSON chose its own.
+        zero.setdefault("reduce_bucket_size", hidden_size * hidden_size)
+        zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
+        zero.setdefault("stage3_param_persistence_threshold", 10 * hidden_size)
+    ds.setdefault("steps_per_print", 10**9)  # our own logging reports progress
+    return ds
+
+
+def ds_dtype(ds: dict) -> torch.dtype:
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def lr_lambda(step: int, *, total: int, warmup: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            is_vector = len(getattr(p, "ds_shape", p.shape)) < 2
+            (no_decay if is_vector or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr)
+    warmup = int(cfg.optim.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, total=total_steps, warmup=warmup, schedule=cfg.optim.schedule)
+    )
+    return optimizer, scheduler
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must restore besides weights and optimizer: where in the data we are, and the best so far."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0
+    best_metric: float = -math.inf
+    best_step: int = -1
+    history: list = field(default_factory=list)

@@ -1,0 +1,68 @@
+"""Evaluation and prediction from an export directory (`<run>/best`), on one or many ranks."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ipt_ds import checkpoint
+from ipt_ds.config import config_from_dict
+from ipt_ds.data.pipeline import load_examples
+from ipt_ds.data.readers import read_split
+from ipt_ds.data.tasks import get_task
+from ipt_ds.engine import ds_dtype, init_distributed
+from ipt_ds.loop import evaluate, predict_examples, to_prediction
+from ipt_ds.model import build_model
+
+log = logging.getLogger("ipt_ds")
+
+
+def load_for_inference(export_dir: str, overrides: dict):
+    """Rebuild the exported model in a DeepSpeed engine (no optimizer) with its trained tensors loaded."""
+    import deepspeed
+
+    meta, tensors = checkpoint.read_export(Path(export_dir))
+    values = meta["config"]
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        values.setdefault(section, {})[key] = value
+    cfg = config_from_dict(values, where=lambda dotted: f"--{dotted}" if dotted in overrides else export_dir)
+    rank, world = init_distributed()
+    ds_config = {k: v for k, v in meta["ds_config"].items() if k not in ("gradient_accumulation_steps",)}
+    ds_config["train_batch_size"] = ds_config["train_micro_batch_size_per_gpu"] * world
+    task = get_task(cfg.data.task)
+    model, encoder = build_model(cfg, task, dtype=ds_dtype(ds_config), ds_config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    checkpoint.load_trainable(engine.module, tensors, source=export_dir)
+    return cfg, task, engine, encoder, rank
+
+
+def evaluate_export(export_dir: str, overrides: dict) -> dict:
+    cfg, task, engine, encoder, rank = load_for_inference(export_dir, overrides)
+    examples = load_examples(cfg.data, task, cfg.data.eval_split)
+    metrics = evaluate(engine, encoder, task, examples, cfg.train.eval_batch_size)
+    if rank == 0:
+        print(json.dumps({"task": task.name, "split": cfg.data.eval_split, **metrics}))
+    return metrics
+
+
+def predict_export(export_dir: str, input_path: str, output_path: str, overrides: dict) -> None:
+    """Write one jsonl line per input example: guid, predicted label (name or score) and the raw scores."""
+    cfg, task, engine, encoder, rank = load_for_inference(export_dir, overrides)
+    out = Path(output_path)
+    if out.exists():
+        raise ValueError(f"--output '{out}' exists; choose another path (predictions never overwrite a file)")
+    examples = read_split(Path(input_path), task, fields=cfg.data.fields or None)
+    scores = predict_examples(engine, encoder, examples, cfg.train.eval_batch_size)
+    if rank == 0:
+        lines = []
+        for example, score in zip(examples, scores):
+            pred = to_prediction(score, task)
+            label = pred if task.is_regression else task.label_names[pred]
+            lines.append(json.dumps({"guid": example.guid, "prediction": label, "scores": score}))
+        checkpoint.atomic_write_text(out, "\n".join(lines) + "\n")
+        log.info("wrote %d predictions to %s", len(lines), out)
+    torch.distributed.barrier()

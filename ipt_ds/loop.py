@@ -1,0 +1,222 @@
+"""The training loop and evaluation: `train` -> `train_step`, `evaluate` -> `predict_examples`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from ipt_ds import checkpoint
+from ipt_ds.config import Config
+from ipt_ds.data.encode import TextEncoder, collate
+from ipt_ds.data.pipeline import load_task_splits, rank_eval_batches, rank_train_batches
+from ipt_ds.data.tasks import Example, Task
+from ipt_ds.engine import TrainState, build_optimizer, ds_dtype, init_distributed, resolve_ds_config
+from ipt_ds.metrics import compute_metrics
+from ipt_ds.model import build_model
+
+log = logging.getLogger("ipt_ds")
+
+
+def prepare_run_dir(cfg: Config, rank: int) -> Path:
+    """Refuse to touch an existing run unless asked (resume or overwrite)."""
+    out = cfg.output_path()
+    exists = out.exists() and any(out.iterdir())
+    if exists and not (cfg.run.resume or cfg.run.overwrite):
+        raise ValueError(f"run.output_dir '{out}' already holds a run; pass --run.resume=true to continue it, "
+                         "--run.overwrite=true to replace it, or choose another --run.output_dir")
+    if cfg.run.resume and not (out / "checkpoints" / "latest").exists():
+        raise ValueError(f"--run.resume: no checkpoint in '{out}/checkpoints' to resume from")
+    torch.distributed.barrier()  # every rank has checked before rank 0 deletes anything
+    if rank == 0:
+        if exists and cfg.run.overwrite and not cfg.run.resume:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    return out
+
+
+def predict_examples(engine, encoder: TextEncoder, examples: list[Example], batch_size: int):
+    """Run every example once across all ranks; every rank gets all predictions back, in input order."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    features = [encoder(e) for e in examples]
+    pad_id = encoder.tokenizer.pad_token_id
+    mine = []
+    engine.eval()
+    with torch.no_grad():
+        for indices in rank_eval_batches([len(f["input_ids"]) for f in features], batch_size=batch_size,
+                                         rank=rank, world_size=world):
+            batch = collate([features[i] for i in indices or [0]], pad_id)  # [] -> dummy forward, result dropped
+            batch.pop("labels", None)
+            logits, _ = engine(batch)
+            if indices:
+                mine.extend(zip(indices, logits.float().cpu().tolist()))
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, mine)
+    scores = dict(pair for part in gathered for pair in part)
+    return [scores[i] for i in range(len(examples))]
+
+
+def to_prediction(score, task: Task) -> int | float:
+    return score if task.is_regression else max(range(len(score)), key=score.__getitem__)
+
+
+def evaluate(engine, encoder: TextEncoder, task: Task, examples: list[Example], batch_size: int) -> dict[str, float]:
+    scores = predict_examples(engine, encoder, examples, batch_size)
+    return compute_metrics(task.metrics, predictions=[to_prediction(s, task) for s in scores],
+                           labels=[e.label for e in examples], groups=[e.group for e in examples])
+
+
+def train_step(engine, batches: list[dict]) -> float:
+    """One optimizer step over `accumulation` micro-batches; returns the mean loss."""
+    total = 0.0
+    for batch in batches:
+        _, loss = engine(batch)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed only updates at the accumulation boundary
+        total += loss.item()
+    return total / len(batches)
+
+
+def train(cfg: Config) -> dict:
+    import deepspeed
+
+    rank, world = init_distributed()
+    out = prepare_run_dir(cfg, rank)
+    torch.manual_seed(cfg.run.seed)
+    task, train_examples, eval_examples, test_examples = load_task_splits(cfg.data, cfg.run.seed)
+    ds_config = resolve_ds_config(cfg, world_size=world)
+    model, encoder = build_model(cfg, task, dtype=ds_dtype(ds_config), ds_config=ds_config)
+    ds_config = resolve_ds_config(cfg, world_size=world, hidden_size=model.backbone.hidden_size)
+    accumulation = ds_config["gradient_accumulation_steps"]
+    features = [encoder(e) for e in train_examples]
+    lengths = [len(f["input_ids"]) for f in features]
+    steps_per_epoch = len(rank_train_batches(lengths, micro_batch_size=cfg.train.micro_batch_size, rank=0,
+                                             world_size=world, accumulation=accumulation, seed=0)) // accumulation
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    eval_every = cfg.train.eval_every or steps_per_epoch
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
+    counts = model.parameter_report()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+                                      model_parameters=[p for p in model.parameters() if p.requires_grad])
+    backbone_mib = model.backbone_bytes_on_rank() / 2**20
+    log.info("parameters: %s trainable of %s total (%.4f%%); backbone bytes on rank %d: %.1f MiB (world size %d)",
+             f"{counts['trainable']:,}", f"{counts['total']:,}", 100 * counts["trainable"] / counts["total"], rank,
+             backbone_mib, world)
+    if encoder.num_truncated:
+        log.info("%d of %d training inputs truncated to data.max_length=%d (longest first)",
+                 encoder.num_truncated, len(features), cfg.data.max_length)
+    meta = {"config": cfg.to_dict(), "ds_config": ds_config, "task": task.name, "label_names": list(task.label_names),
+            "parameters": counts}
+    if rank == 0:
+        checkpoint.atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        checkpoint.atomic_write_text(out / "ds_config.json", json.dumps(ds_config, indent=2))
+        log.info("resolved config:\n%s", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    state = TrainState()
+    if cfg.run.resume:
+        _, client = engine.load_checkpoint(str(out / "checkpoints"), load_module_strict=False)
+        state = TrainState(**client["train_state"])
+        checkpoint.load_rng(out / "checkpoints" / client["tag"], rank)
+        log.info("resumed at step %d (epoch %d)", state.step, state.epoch)
+    writer = _tensorboard(out) if rank == 0 else None
+    pad_id = encoder.tokenizer.pad_token_id
+    progress = _progress(rank, total_steps, state.step)
+    window_start, window_samples = time.perf_counter(), 0
+    while state.step < total_steps:
+        engine.train()
+        batches = rank_train_batches(lengths, micro_batch_size=cfg.train.micro_batch_size, rank=rank,
+                                     world_size=world, accumulation=accumulation, seed=cfg.run.seed + state.epoch)
+        while state.micro_in_epoch < len(batches) and state.step < total_steps:
+            chunk = batches[state.micro_in_epoch : state.micro_in_epoch + accumulation]
+            loss = train_step(engine, [collate([features[i] for i in b], pad_id) for b in chunk])
+            state.micro_in_epoch += accumulation
+            state.step += 1
+            window_samples += cfg.train.batch_size
+            if state.step % cfg.run.log_every == 0 or state.step == total_steps:
+                rate = window_samples / (time.perf_counter() - window_start)
+                lr = scheduler.get_last_lr()[0]
+                _log_scalars(writer, state, {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate}, out)
+                if progress:
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+                window_start, window_samples = time.perf_counter(), 0
+            if progress:
+                progress.update(1)
+            if state.step % eval_every == 0 or state.step == total_steps:
+                _evaluate_and_save(engine, encoder, task, eval_examples, cfg, state, out, meta, writer, rank)
+                engine.train()
+        if state.micro_in_epoch >= len(batches):
+            state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+    if progress:
+        progress.close()
+    return _finish(engine, encoder, task, eval_examples, test_examples, cfg, state, out, rank)
+
+
+def _evaluate_and_save(engine, encoder, task, examples, cfg, state, out, meta, writer, rank) -> None:
+    metrics = evaluate(engine, encoder, task, examples, cfg.train.eval_batch_size)
+    selection = metrics[task.metrics[0]]
+    _log_scalars(writer, state, {f"eval/{k}": v for k, v in metrics.items()}, out)
+    log.info("step %d eval %s", state.step, " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+    if selection > state.best_metric:
+        state.best_metric, state.best_step = selection, state.step
+        checkpoint.export_trainable(engine.module, out / "best", {**meta, "step": state.step, "eval": metrics},
+                                    rank=rank)
+    tag = f"step{state.step}"
+    engine.save_checkpoint(str(out / "checkpoints"), tag=tag, exclude_frozen_parameters=True,
+                           client_state={"train_state": dataclasses.asdict(state), "tag": tag})
+    checkpoint.save_rng(out / "checkpoints" / tag, rank)
+    torch.distributed.barrier()
+    if rank == 0:  # keep the newest checkpoint only; `latest` already points at it
+        for old in (out / "checkpoints").glob("step*"):
+            if old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _finish(engine, encoder, task, eval_examples, test_examples, cfg, state, out, rank) -> dict:
+    """Score the best checkpoint on the eval (and test) split and write results.json."""
+    meta, tensors = checkpoint.read_export(out / "best")
+    checkpoint.load_trainable(engine.module, tensors, source=str(out / "best"))
+    results = {"task": task.name, "method": cfg.method.name, "best_step": state.best_step,
+               "eval": evaluate(engine, encoder, task, eval_examples, cfg.train.eval_batch_size),
+               "parameters": meta["parameters"]}
+    if test_examples and all(e.label is not None for e in test_examples):
+        results["test"] = evaluate(engine, encoder, task, test_examples, cfg.train.eval_batch_size)
+    if rank == 0:
+        checkpoint.atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+        for split in ("eval", "test"):
+            if split in results:
+                log.info("%s %s: %s", split, cfg.data.eval_split if split == "eval" else cfg.data.test_split,
+                         " ".join(f"{k}={v:.2f}" for k, v in results[split].items()))
+    return results
+
+
+def _log_scalars(writer, state: TrainState, scalars: dict, out: Path) -> None:
+    if writer is None:
+        return
+    for key, value in scalars.items():
+        writer.add_scalar(key, value, state.step)
+    writer.flush()
+    with open(out / "log.jsonl", "a") as handle:
+        handle.write(json.dumps({"step": state.step, **scalars}) + "\n")
+
+
+def _tensorboard(out: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _progress(rank: int, total: int, start: int):
+    if rank != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
+

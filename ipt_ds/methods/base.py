@@ -1,0 +1,40 @@
+"""What every method shares: its config base class, its output, and the input-level prompt path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ipt_ds.backbone import Backbone
+
+
+@dataclass(kw_only=True)
+class MethodConfig:
+    name: str
+    """Registered method name (see `ipt-ds methods`)."""
+
+    def validate(self) -> list[str]:
+        return []
+
+
+class MethodOutput(NamedTuple):
+    hidden: torch.Tensor
+    """(B, P + T, H) last hidden states; P = `num_prefix` positions the method put before the T input tokens."""
+    attention_mask: torch.Tensor
+    """(B, P + T) mask matching `hidden`."""
+    num_prefix: int
+
+
+def run_with_input_prompt(backbone: Backbone, prompt: torch.Tensor | None, batch: dict) -> MethodOutput:
+    """Prepend `prompt` (B, P, H) to the input's word embeddings and run the backbone (P = 0 for no prompt)."""
+    embeds = backbone.embed(batch["input_ids"])  # (B, T, H)
+    mask = batch["attention_mask"]
+    num_prefix = 0
+    if prompt is not None:
+        num_prefix = prompt.shape[1]
+        embeds = torch.cat([prompt.to(embeds.dtype), embeds], dim=1)  # (B, P + T, H)
+        mask = torch.cat([mask.new_ones(mask.shape[0], num_prefix), mask], dim=1)
+    hidden = backbone.encode(embeds, mask, batch.get("token_type_ids"))
+    return MethodOutput(hidden, mask, num_prefix)

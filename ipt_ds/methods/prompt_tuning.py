@@ -1,0 +1,72 @@
+"""Prompt tuning (Lester, Al-Rfou and Constant, 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning").
+
+P trainable vectors in the backbone's embedding space are prepended to every input's word embeddings; the backbone
+stays frozen. The vectors start random, from the embeddings of random frequent vocabulary tokens (Lester's best
+setting), or from the embeddings of a text such as a task description.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ipt_ds.backbone import Backbone, embedding_rows
+from ipt_ds.methods import register
+from ipt_ds.methods.base import MethodConfig, MethodOutput, run_with_input_prompt
+
+# Lester et al. sample initial tokens among the 5,000 most frequent; BPE/WordPiece vocabularies are roughly
+# frequency-ordered after their special tokens.
+NUM_FREQUENT_TOKENS = 5000
+
+
+@dataclass(kw_only=True)
+class PromptTuningConfig(MethodConfig):
+    name: str = "prompt_tuning"
+    num_virtual_tokens: int = 20
+    """Prompt length P."""
+    init: Literal["random", "vocab", "text"] = "vocab"
+    """random: U(-init_range, init_range); vocab: embeddings of random frequent tokens; text: of `init_text`."""
+    init_text: str = ""
+    """Text whose token embeddings initialise the prompt (repeated or cut to P tokens) when init is 'text'."""
+    init_range: float = 0.5
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.num_virtual_tokens < 1:
+            problems.append(f"method.num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        if self.init == "text" and not self.init_text:
+            problems.append("method.init is 'text' but method.init_text is empty; give the text or use init: vocab")
+        return problems
+
+
+class PromptTuning(nn.Module):
+    def __init__(self, prompt: torch.Tensor):
+        super().__init__()
+        self.prompt = nn.Parameter(prompt)  # (P, H)
+        self.num_prefix_positions = prompt.shape[0]
+
+    def forward(self, backbone: Backbone, batch: dict) -> MethodOutput:
+        batch_size = batch["input_ids"].shape[0]
+        return run_with_input_prompt(backbone, self.prompt.expand(batch_size, -1, -1), batch)
+
+
+def initial_prompt(cfg: PromptTuningConfig, backbone: Backbone, tokenizer) -> torch.Tensor:
+    num_tokens, hidden = cfg.num_virtual_tokens, backbone.hidden_size
+    if cfg.init == "random":
+        return torch.empty(num_tokens, hidden).uniform_(-cfg.init_range, cfg.init_range)
+    if cfg.init == "vocab":
+        special = set(tokenizer.all_special_ids)
+        candidates = [i for i in range(min(NUM_FREQUENT_TOKENS + len(special), backbone.vocab_size)) if i not in special]
+        ids = torch.tensor(candidates)[torch.randperm(len(candidates))[:num_tokens]]
+    else:
+        text_ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor((text_ids * num_tokens)[:num_tokens])
+    return embedding_rows(backbone, ids)
+
+
+@register("prompt_tuning", PromptTuningConfig)
+def build(cfg: PromptTuningConfig, backbone: Backbone, tokenizer) -> nn.Module:
+    return PromptTuning(initial_prompt(cfg, backbone, tokenizer))

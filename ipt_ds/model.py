@@ -1,0 +1,73 @@
+"""The module handed to DeepSpeed: frozen backbone + method + head, built from a Config.
+
+Everything a forward needs happens inside `PromptModel.forward`, so that ZeRO-3's gather/release hooks see one
+top-level forward per step, in the same order on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ipt_ds.backbone import Backbone, load_backbone, local_bytes, num_elements
+from ipt_ds.config import Config
+from ipt_ds.data.encode import TextEncoder, label_token_ids
+from ipt_ds.data.tasks import Task
+from ipt_ds.heads import build_head
+from ipt_ds.methods import get_method
+
+log = logging.getLogger(__name__)
+
+
+class PromptModel(nn.Module):
+    def __init__(self, backbone: Backbone, method: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.method = method
+        self.head = head
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return (label logits (B, C) or regression scores (B,); mean loss when the batch has labels)."""
+        return self.head(self.method(self.backbone, batch), batch)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Names of the trained tensors mapped to the tensors (partitioned placeholders under ZeRO-3)."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def parameter_report(self) -> dict[str, int]:
+        trainable = sum(num_elements(p) for p in self.parameters() if p.requires_grad)
+        total = sum(num_elements(p) for p in self.parameters())
+        backbone = sum(num_elements(p) for p in self.backbone.parameters())
+        return {"trainable": trainable, "total": total, "backbone": backbone}
+
+    def backbone_bytes_on_rank(self) -> int:
+        return sum(local_bytes(p) for p in self.backbone.parameters())
+
+
+def build_model(cfg: Config, task: Task, *, dtype: torch.dtype, ds_config: dict | None) -> tuple[PromptModel, TextEncoder]:
+    """Load the backbone, attach the configured method and head; return the model and its text encoder."""
+    verbalizer = cfg.head.type == "verbalizer"
+    if verbalizer and task.is_regression:
+        raise ValueError(f"head.type 'verbalizer' cannot score the regression task '{task.name}'; use head.type linear")
+    backbone, tokenizer = load_backbone(cfg.model, dtype=dtype, with_lm_head=verbalizer, ds_config=ds_config)
+    words = cfg.head.label_words or list(task.label_words)
+    token_ids: list[int] = []
+    if verbalizer:
+        if len(words) != len(task.label_names):
+            raise ValueError(f"head.label_words has {len(words)} words but task '{task.name}' has "
+                             f"{len(task.label_names)} labels {list(task.label_names)}; give one word per label")
+        token_ids = label_token_ids(tokenizer, words)
+    method = get_method(cfg.method.name).build(cfg.method, backbone, tokenizer)
+    head = build_head(cfg.head, backbone, num_labels=len(task.label_names), label_token_ids=token_ids)
+    model = PromptModel(backbone, method, head)
+    num_prefix = getattr(method, "num_prefix_positions", 0)
+    if backbone.family == "encoder" and backbone.max_positions and \
+            cfg.data.max_length + num_prefix > backbone.max_positions:
+        raise ValueError(f"data.max_length {cfg.data.max_length} + {num_prefix} prompt positions exceeds the "
+                         f"backbone's {backbone.max_positions} positions; lower data.max_length")
+    encoder = TextEncoder(tokenizer=tokenizer, task=task, max_length=cfg.data.max_length,
+                          template=(cfg.head.template or task.template) if verbalizer else "",
+                          decoder=backbone.family == "decoder")
+    return model, encoder
