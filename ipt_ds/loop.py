@@ -106,10 +106,10 @@ def train(cfg: Config) -> dict:
     counts = model.parameter_report()
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
-    backbone_mib = model.backbone_bytes_on_rank() / 2**20
-    log.info("parameters: %s trainable of %s total (%.4f%%); backbone bytes on rank %d: %.1f MiB (world size %d)",
-             f"{counts['trainable']:,}", f"{counts['total']:,}", 100 * counts["trainable"] / counts["total"], rank,
-             backbone_mib, world)
+    log.info("parameters: %s trainable of %s total (%.4f%%)", f"{counts['trainable']:,}", f"{counts['total']:,}",
+             100 * counts["trainable"] / counts["total"])
+    log.info("backbone bytes on rank %d: %.1f MiB of %.1f MiB (world size %d)", rank,
+             model.backbone_bytes_on_rank() / 2**20, model.backbone_bytes_total() / 2**20, world)
     if encoder.num_truncated:
         log.info("%d of %d training inputs truncated to data.max_length=%d (longest first)",
                  encoder.num_truncated, len(features), cfg.data.max_length)
@@ -129,7 +129,7 @@ def train(cfg: Config) -> dict:
     writer = _tensorboard(out) if rank == 0 else None
     pad_id = encoder.tokenizer.pad_token_id
     progress = _progress(rank, total_steps, state.step)
-    window_start, window_samples = time.perf_counter(), 0
+    window_start, window_samples, window_loss = time.perf_counter(), 0, torch.zeros(2)  # (sum, count)
     while state.step < total_steps:
         engine.train()
         batches = rank_train_batches(lengths, micro_batch_size=cfg.train.micro_batch_size, rank=rank,
@@ -140,13 +140,16 @@ def train(cfg: Config) -> dict:
             state.micro_in_epoch += accumulation
             state.step += 1
             window_samples += cfg.train.batch_size
+            window_loss += torch.tensor([loss, 1.0])
             if state.step % cfg.run.log_every == 0 or state.step == total_steps:
+                torch.distributed.all_reduce(window_loss)  # the loss of the global batch, not of one rank's share
+                loss = (window_loss[0] / window_loss[1]).item()
                 rate = window_samples / (time.perf_counter() - window_start)
                 lr = scheduler.get_last_lr()[0]
                 _log_scalars(writer, state, {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate}, out)
                 if progress:
                     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
-                window_start, window_samples = time.perf_counter(), 0
+                window_start, window_samples, window_loss = time.perf_counter(), 0, torch.zeros(2)  # (sum, count)
             if progress:
                 progress.update(1)
             if state.step % eval_every == 0 or state.step == total_steps:

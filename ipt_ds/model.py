@@ -42,6 +42,9 @@ class PromptModel(nn.Module):
         backbone = sum(num_elements(p) for p in self.backbone.parameters())
         return {"trainable": trainable, "total": total, "backbone": backbone}
 
+    def backbone_bytes_total(self) -> int:
+        return sum(num_elements(p) * p.element_size() for p in self.backbone.parameters())
+
     def backbone_bytes_on_rank(self) -> int:
         return sum(local_bytes(p) for p in self.backbone.parameters())
 

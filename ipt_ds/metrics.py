@@ -1,0 +1,121 @@
+"""Evaluation metrics by name, in percent (0-100) like the GLUE and SuperGLUE leaderboards.
+
+Plain numpy, so evaluation needs no sklearn or scipy at run time; the tests check each metric against them. Where a
+metric is undefined (F1 with no positives anywhere, a correlation of a constant) it is 0, not NaN, so that picking the
+best checkpoint by it never compares NaNs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+
+def _accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(predictions == labels))
+
+
+def _f1_of(predictions: np.ndarray, labels: np.ndarray, positive: object) -> float:
+    predicted, actual = predictions == positive, labels == positive
+    true_pos = np.sum(predicted & actual)
+    denominator = 2 * true_pos + np.sum(predicted & ~actual) + np.sum(~predicted & actual)
+    return float(2 * true_pos / denominator) if denominator else 0.0
+
+
+def _binary_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    # The positive class is label index 1 (GLUE's MRPC / QQP, MultiRC's "True" answers).
+    return _f1_of(predictions, labels, 1)
+
+
+def _macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    # Averaged over every class that occurs in the labels or the predictions, as sklearn's average="macro".
+    classes = np.union1d(np.unique(labels), np.unique(predictions))
+    return float(np.mean([_f1_of(predictions, labels, c) for c in classes]))
+
+
+def _mcc(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Matthews correlation, multi-class form (Gorodkin 2004), which equals the binary one for two classes."""
+    classes, encoded = np.unique(np.concatenate([labels, predictions]), return_inverse=True)
+    gold, pred = encoded[: len(labels)], encoded[len(labels) :]
+    confusion = np.zeros((len(classes), len(classes)))
+    np.add.at(confusion, (gold, pred), 1)
+    true_sum, pred_sum = confusion.sum(axis=1), confusion.sum(axis=0)
+    total, correct = confusion.sum(), np.trace(confusion)
+    covariance = correct * total - true_sum @ pred_sum
+    scale = np.sqrt((total**2 - true_sum @ true_sum) * (total**2 - pred_sum @ pred_sum))
+    return float(covariance / scale) if scale else 0.0
+
+
+def _pearson(predictions: np.ndarray, labels: np.ndarray) -> float:
+    x, y = predictions.astype(float), labels.astype(float)
+    x, y = x - x.mean(), y - y.mean()
+    scale = np.sqrt((x @ x) * (y @ y))
+    return float(x @ y / scale) if scale else 0.0
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties sharing their average rank (scipy.stats.rankdata's default)."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts_run = np.r_[True, ordered[1:] != ordered[:-1]]
+    run_starts = np.flatnonzero(starts_run)
+    run_ends = np.r_[run_starts[1:], len(values)]
+    ranks = np.empty(len(values))
+    ranks[order] = ((run_starts + run_ends + 1) / 2)[np.cumsum(starts_run) - 1]
+    return ranks
+
+
+def _spearman(predictions: np.ndarray, labels: np.ndarray) -> float:
+    return _pearson(_ranks(predictions.astype(float)), _ranks(labels.astype(float)))
+
+
+def _exact_match(predictions: np.ndarray, labels: np.ndarray, groups: Sequence[str | None] | None) -> float:
+    """MultiRC EM: the share of questions (groups) whose answer options are all classified right."""
+    if groups is None or any(group is None for group in groups):
+        raise ValueError("metric 'em' needs a group (the MultiRC question id) for every example; pass groups=")
+    all_right: dict[str, bool] = defaultdict(lambda: True)
+    for group, right in zip(groups, predictions == labels, strict=True):
+        all_right[group] &= bool(right)
+    return float(np.mean(list(all_right.values())))
+
+
+_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "acc": _accuracy,
+    "f1": _binary_f1,
+    "macro_f1": _macro_f1,
+    "mcc": _mcc,
+    "pearson": _pearson,
+    "spearman": _spearman,
+    "f1a": _binary_f1,  # MultiRC F1a: binary F1 over all answer options
+}
+METRICS = (*_METRICS, "em")
+"""Every metric name `compute_metrics` accepts."""
+
+
+def compute_metrics(
+    names: Sequence[str],
+    *,
+    predictions: Sequence[int | float],
+    labels: Sequence[int | float],
+    groups: Sequence[str | None] | None = None,
+) -> dict[str, float]:
+    """`{name: value in percent}` for each metric in `names` (see METRICS); `groups` is needed by "em" only."""
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {', '.join(map(repr, unknown))}; valid metrics: {', '.join(METRICS)}")
+    predicted, gold = np.asarray(predictions), np.asarray(labels)
+    if predicted.ndim != 1 or predicted.shape != gold.shape:
+        raise ValueError(
+            f"predictions {predicted.shape} and labels {gold.shape} must be flat sequences of the same length"
+        )
+    if gold.size == 0:
+        raise ValueError("no predictions to score (empty evaluation set)")
+    if groups is not None and len(groups) != gold.size:
+        raise ValueError(f"groups has {len(groups)} entries for {gold.size} predictions; give one group per example")
+    results = {}
+    for name in names:
+        value = _exact_match(predicted, gold, groups) if name == "em" else _METRICS[name](predicted, gold)
+        results[name] = 100.0 * value
+    return results

@@ -1,0 +1,89 @@
+"""Shared test fixtures: tiny random backbones saved as real HF model directories, synthetic tasks, run helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def minilm_dir() -> Path:
+    from ipt_ds.backbone import ModelConfig, resolve_model_path
+
+    return Path(resolve_model_path(ModelConfig(name_or_path="minilm"))[0])
+
+
+def save_tiny(kind: str, out: Path) -> Path:
+    """A tiny random-weight model of family `kind`, saved with a real tokenizer of the same vocabulary."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    if kind == "bert":
+        tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=256, hidden_dropout_prob=0.1)
+        model = BertForMaskedLM(config)
+    else:
+        raise AssertionError(kind)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return save_tiny("bert", tmp_path_factory.mktemp("tiny-bert"))
+
+
+WORDS = "cat dog bird fish horse cow sheep goat lion tiger bear wolf fox deer mouse frog".split()
+
+
+def write_entailment_task(directory: Path, *, num_train: int = 96, num_eval: int = 32, seed: int = 0) -> dict:
+    """RTE-format jsonl files with a learnable rule: entailment iff every hypothesis word occurs in the premise."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, count in (("train", num_train), ("val", num_eval)):
+        rows = []
+        for i in range(count):
+            premise = rng.sample(WORDS, 6)
+            entail = i % 2 == 0
+            hypothesis = rng.sample(premise, 2) if entail else rng.sample([w for w in WORDS if w not in premise], 2)
+            rows.append({"premise": "the " + " and the ".join(premise), "hypothesis": " ".join(hypothesis),
+                         "label": "entailment" if entail else "not_entailment", "idx": i})
+        paths[split] = directory / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+def write_config(path: Path, sections: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(sections))
+    return path
+
+
+def run_cli(*args: str, num_ranks: int = 1, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `ipt-ds ARGS` in real processes: directly for one rank, through the deepspeed launcher for more."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
+    if num_ranks == 1:
+        cmd = [sys.executable, "-m", "ipt_ds", *args]
+    else:
+        port = str(random.Random().randint(20000, 40000))
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_ranks), "--master_port", port,
+               "--module", "ipt_ds", *args]
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_log(run_dir: Path, key: str) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if key in r]
