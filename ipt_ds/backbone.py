@@ -103,6 +103,7 @@ class Backbone(nn.Module):
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
         self.vocab_size = config.vocab_size
         self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self.keep_dropout = keep_dropout
@@ -130,16 +131,30 @@ class Backbone(nn.Module):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
+        prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Run the backbone on (B, S, H) embeddings; returns the last hidden states (B, S, H).
 
         Methods that prepend P prompt positions pass S = P + T embeddings and a (B, S) mask; token types of the
         T real tokens are left-padded with type 0 for the prompt positions.
+        `prefix` gives every layer a (keys, values) pair of shape (B, kv_heads, P, head_dim) that all positions
+        attend to; the mask then covers P + S positions. They enter as a pre-filled transformers `Cache`, which every
+        supported family concatenates in front of its own keys and values (positions of the input start at P).
         """
         kwargs = {}
         if token_type_ids is not None and self.family == "encoder" and self.model.config.type_vocab_size > 1:
             num_prompt = inputs_embeds.shape[1] - token_type_ids.shape[1]
             kwargs["token_type_ids"] = nn.functional.pad(token_type_ids, (num_prompt, 0))
+        if prefix is not None:
+            from transformers import DynamicCache
+
+            if self.model.config.model_type in ("deberta", "deberta-v2"):
+                raise ValueError("key/value prefixes are not supported on DeBERTa backbones (their attention takes "
+                                 "no cache); use an input-level method such as prompt_tuning")
+            cache = DynamicCache(config=self.model.config)
+            for layer, (keys, values) in enumerate(prefix):
+                cache.update(keys, values, layer)
+            kwargs["past_key_values"] = cache
         out = self.base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, **kwargs)
         return out.last_hidden_state
 

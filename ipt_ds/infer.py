@@ -33,6 +33,8 @@ def load_for_inference(export_dir: str, overrides: dict):
     rank, world = init_distributed()
     ds_config = {k: v for k, v in meta["ds_config"].items() if k not in ("gradient_accumulation_steps",)}
     ds_config["train_batch_size"] = ds_config["train_micro_batch_size_per_gpu"] * world
+    if ds_config.get("zero_optimization", {}).get("stage", 0) < 3:
+        ds_config["zero_optimization"] = {"stage": 0}  # stages 1-2 only shard optimizer state, and need an optimizer
     task = get_task(cfg.data.task)
     model, encoder = build_model(cfg, task, dtype=ds_dtype(ds_config), ds_config=ds_config)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)

@@ -1,0 +1,96 @@
+"""Deep key/value prompts at every layer: P-tuning v2 (Liu et al., 2022) and prefix tuning (Li and Liang, 2021).
+
+Both give each of the L layers P trainable key and value vectors that every input position attends to; the backbone
+stays frozen. P-tuning v2 learns the (P, L*2*kv) table directly (optionally through a projection) and applies
+dropout to it, as its reference code does. Prefix tuning always reparameterizes: an embedding (P, H) -> Linear ->
+tanh -> Linear(-> L*2*kv), which stabilizes training; after training the MLP is folded into the plain table that it
+produces, which is what the export holds. kv = kv_heads * head_dim, so grouped-query models get kv-head shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ipt_ds.backbone import Backbone
+from ipt_ds.methods import register
+from ipt_ds.methods.base import MethodConfig, MethodOutput
+
+
+@dataclass(kw_only=True)
+class PTuningV2Config(MethodConfig):
+    name: str = "ptuning_v2"
+    num_virtual_tokens: int = 16
+    """Prefix length P at every layer."""
+    projection: bool = False
+    """Produce the table through embedding -> Linear -> tanh -> Linear (P-tuning v2's --prefix_projection)."""
+    projection_hidden: int = 512
+    """Hidden width of that projection."""
+    dropout: float = 0.1
+    """Dropout on the prefix vectors during training (P-tuning v2 uses the backbone's hidden dropout, 0.1)."""
+
+    def validate(self) -> list[str]:
+        problems = [] if self.num_virtual_tokens >= 1 else ["method.num_virtual_tokens must be >= 1"]
+        if not 0 <= self.dropout < 1:
+            problems.append(f"method.dropout must be in [0, 1), got {self.dropout}")
+        return problems
+
+
+@dataclass(kw_only=True)
+class PrefixConfig(PTuningV2Config):
+    name: str = "prefix"
+    num_virtual_tokens: int = 10
+    projection: bool = True
+    dropout: float = 0.0
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if not self.projection:
+            problems.append("method.projection must stay true for prefix tuning; use method.name ptuning_v2 for a "
+                            "plain prefix table")
+        return problems
+
+
+class DeepPrompt(nn.Module):
+    def __init__(self, cfg: PTuningV2Config, backbone: Backbone):
+        super().__init__()
+        self.num_layers, self.num_kv_heads, self.head_dim = backbone.num_layers, backbone.num_kv_heads, backbone.head_dim
+        width = self.num_layers * 2 * self.num_kv_heads * self.head_dim
+        num_tokens = cfg.num_virtual_tokens
+        if cfg.projection:
+            self.embedding = nn.Parameter(torch.randn(num_tokens, backbone.hidden_size) * 0.02)
+            self.mlp = nn.Sequential(nn.Linear(backbone.hidden_size, cfg.projection_hidden), nn.Tanh(),
+                                     nn.Linear(cfg.projection_hidden, width))
+        else:
+            self.table = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def prefix_table(self) -> torch.Tensor:
+        """(P, L * 2 * kv) keys and values of every layer."""
+        return self.mlp(self.embedding) if hasattr(self, "mlp") else self.table
+
+    def forward(self, backbone: Backbone, batch: dict) -> MethodOutput:
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        batch_size = input_ids.shape[0]
+        table = self.prefix_table()
+        num_tokens = table.shape[0]
+        kv = self.dropout(table).view(num_tokens, self.num_layers * 2, self.num_kv_heads, self.head_dim)
+        kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch_size, -1, -1, -1)  # (2L, B, kv_heads, P, d)
+        embeds = backbone.embed(input_ids)
+        kv = kv.to(embeds.dtype)
+        prefix = [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(self.num_layers)]
+        full_mask = torch.cat([mask.new_ones(batch_size, num_tokens), mask], dim=1)  # (B, P + T)
+        hidden = backbone.encode(embeds, full_mask, batch.get("token_type_ids"), prefix=prefix)
+        return MethodOutput(hidden, mask, 0)
+
+
+@register("ptuning_v2", PTuningV2Config)
+def build_ptuning_v2(cfg: PTuningV2Config, backbone: Backbone, tokenizer) -> nn.Module:
+    return DeepPrompt(cfg, backbone)
+
+
+@register("prefix", PrefixConfig)
+def build_prefix(cfg: PrefixConfig, backbone: Backbone, tokenizer) -> nn.Module:
+    return DeepPrompt(cfg, backbone)

@@ -1,0 +1,90 @@
+"""Single-process training runs on a tiny random backbone: what trains, what stays frozen, what is written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, run_cli, write_config, write_entailment_task
+
+
+def tiny_config(tmp_path, model_dir, **method):
+    data = write_entailment_task(tmp_path / "data")
+    return write_config(tmp_path / "cfg.yaml", {
+        "model": {"name_or_path": str(model_dir)},
+        "method": method or {"name": "prompt_tuning", "num_virtual_tokens": 4},
+        "data": {"task": "rte", "format": "jsonl", "train_split": str(data["train"]), "eval_split": str(data["val"]),
+                 "max_length": 64},
+        "train": {"batch_size": 16, "micro_batch_size": 8, "max_steps": 4, "eval_every": 2},
+        "optim": {"lr": 0.05},
+    })
+
+
+def probe(cfg, out):
+    result = subprocess.run([sys.executable, "tests/frozen_probe.py", str(cfg), str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))
+    return json.loads(line.removeprefix("REPORT "))
+
+
+def test_prompt_tuning_trains_only_prompt_and_head(tmp_path, tiny_bert):
+    report = probe(tiny_config(tmp_path, tiny_bert), tmp_path / "run")
+    expected = ["head.linear.bias", "head.linear.weight", "method.prompt"]
+    assert report["trainable"] == expected
+    assert report["optimized"] == expected
+    assert report["changed"] == expected  # every backbone tensor is bit-identical after training
+
+
+def test_full_finetuning_trains_the_backbone(tmp_path, tiny_bert):
+    report = probe(tiny_config(tmp_path, tiny_bert, name="full"), tmp_path / "run")
+    assert "backbone.model.encoder.layer.0.attention.self.query.weight" in report["changed"]
+    assert set(report["optimized"]) == set(report["trainable"])
+
+
+def test_linear_probe_trains_only_the_head(tmp_path, tiny_bert):
+    report = probe(tiny_config(tmp_path, tiny_bert, name="linear_probe"), tmp_path / "run")
+    assert report["changed"] == report["trainable"] == ["head.linear.bias", "head.linear.weight"]
+
+
+def test_run_writes_small_checkpoint_and_export_that_evaluate_and_predict_use(tmp_path, tiny_bert):
+    cfg = tiny_config(tmp_path, tiny_bert)
+    out = tmp_path / "run"
+    result = run_cli("train", str(cfg), f"--run.output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    export = load_file(out / "best" / "model.safetensors")
+    assert sorted(export) == ["head.linear.bias", "head.linear.weight", "method.prompt"]
+    checkpoint_bytes = sum(f.stat().st_size for f in (out / "checkpoints").rglob("*") if f.is_file())
+    assert checkpoint_bytes < 1_000_000, "the resume checkpoint must not contain the frozen backbone"
+
+    evaluated = run_cli("evaluate", str(out / "best"))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout.splitlines()[-1])["acc"] == pytest.approx(results["eval"]["acc"])
+
+    predictions = tmp_path / "pred.jsonl"
+    val = tmp_path / "data" / "val.jsonl"
+    predicted = run_cli("predict", str(out / "best"), f"--input={val}", f"--output={predictions}")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    gold = [json.loads(line)["label"] for line in val.read_text().splitlines()]
+    assert len(rows) == len(gold)
+    accuracy = 100 * sum(r["prediction"] == g for r, g in zip(rows, gold)) / len(gold)
+    assert accuracy == pytest.approx(results["eval"]["acc"])
+
+    again = run_cli("predict", str(out / "best"), f"--input={val}", f"--output={predictions}")
+    assert again.returncode == 2 and "exists" in again.stderr  # never overwrites
+
+
+def test_existing_run_is_never_overwritten_without_asking(tmp_path, tiny_bert):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = run_cli("train", str(tiny_config(tmp_path, tiny_bert)), f"--run.output_dir={out}")
+    assert result.returncode == 2
+    assert "already holds a run; pass --run.resume=true" in result.stderr
+    assert (out / "keep.txt").read_text() == "precious"
