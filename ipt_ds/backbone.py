@@ -8,6 +8,7 @@ every weight is a partitioned placeholder outside its module's forward.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -65,7 +66,15 @@ def _gguf_cache(path: str, gguf_file: str, dtype: torch.dtype) -> str:
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
     tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
-    model.save_pretrained(tmp)
+    # The GGUF loader leaves a (dequantizing) quantizer attached that save_pretrained refuses; the weights are
+    # plain tensors by now, so write them and a config without the quantization entry directly.
+    from safetensors.torch import save_model
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(tmp)
     try:
         tmp.rename(cache)  # atomic: concurrent ranks converting at once leave one complete copy

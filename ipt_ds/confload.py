@@ -162,3 +162,35 @@ def build(cls: type, values: dict, *, section: str, problems: list[str], where) 
 
 def as_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass `cls` (and its bases), read from the source."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            tree = ast.parse(inspect.getsource(klass).strip())
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, after in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def reference_markdown(sections: dict[str, type]) -> str:
+    """A markdown table per section: key, type, default, meaning."""
+    out = []
+    for section, cls in sections.items():
+        out += [f"## `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+            out.append(f"| `{f.name}` | {_type_name(hints[f.name])} | `{default!r}` | {docs.get(f.name, '')} |")
+        out.append("")
+    return "\n".join(out)

@@ -8,6 +8,7 @@ import logging
 import math
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -189,6 +190,9 @@ def _finish(engine, encoder, task, eval_examples, test_examples, cfg, state, out
     results = {"task": task.name, "method": cfg.method.name, "best_step": state.best_step,
                "eval": evaluate(engine, encoder, task, eval_examples, cfg.train.eval_batch_size),
                "parameters": meta["parameters"]}
+    if not task.is_regression:  # the number to beat: always predicting the most frequent eval label
+        counts = Counter(e.label for e in eval_examples)
+        results["eval_majority_acc"] = 100 * max(counts.values()) / len(eval_examples)
     if test_examples and all(e.label is not None for e in test_examples):
         results["test"] = evaluate(engine, encoder, task, test_examples, cfg.train.eval_batch_size)
     if rank == 0:
@@ -197,6 +201,8 @@ def _finish(engine, encoder, task, eval_examples, test_examples, cfg, state, out
             if split in results:
                 log.info("%s %s: %s", split, cfg.data.eval_split if split == "eval" else cfg.data.test_split,
                          " ".join(f"{k}={v:.2f}" for k, v in results[split].items()))
+        if "eval_majority_acc" in results:
+            log.info("majority-class baseline on %s: acc=%.2f", cfg.data.eval_split, results["eval_majority_acc"])
     return results
 
 

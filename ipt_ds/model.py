@@ -70,7 +70,10 @@ def build_model(cfg: Config, task: Task, *, dtype: torch.dtype, ds_config: dict 
             cfg.data.max_length + num_prefix > backbone.max_positions:
         raise ValueError(f"data.max_length {cfg.data.max_length} + {num_prefix} prompt positions exceeds the "
                          f"backbone's {backbone.max_positions} positions; lower data.max_length")
+    template = cfg.head.template or task.template
+    if backbone.family == "decoder" and not cfg.head.template and not template.rstrip().endswith("{mask}"):
+        # Task templates are written for masked LMs; a decoder predicts the label word as the continuation.
+        template = "{a} {b} Answer: {mask}" if "{b}" in template else "{a} Answer: {mask}"
     encoder = TextEncoder(tokenizer=tokenizer, task=task, max_length=cfg.data.max_length,
-                          template=(cfg.head.template or task.template) if verbalizer else "",
-                          decoder=backbone.family == "decoder")
+                          template=template if verbalizer else "", decoder=backbone.family == "decoder")
     return model, encoder

@@ -32,8 +32,19 @@ def save_tiny(kind: str, out: Path) -> Path:
         config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=64, max_position_embeddings=256, hidden_dropout_prob=0.1)
         model = BertForMaskedLM(config)
-    else:
-        raise AssertionError(kind)
+    else:  # decoders borrow the real SmolLM2 tokenizer (from the converted cache of the packaged GGUF)
+        from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+        from ipt_ds.backbone import ModelConfig, load_backbone
+
+        _, tokenizer = load_backbone(ModelConfig(name_or_path="smollm2"), dtype=torch.float32, with_lm_head=False)
+        if kind == "llama":  # grouped-query attention: 4 query heads share 2 key/value heads
+            model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, intermediate_size=64))
+        elif kind == "gpt2":
+            model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4))
+        else:
+            raise AssertionError(kind)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -42,6 +53,12 @@ def save_tiny(kind: str, out: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return save_tiny("bert", tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_bert) -> dict[str, Path]:
+    return {"bert": tiny_bert, **{kind: save_tiny(kind, tmp_path_factory.mktemp(f"tiny-{kind}"))
+                                  for kind in ("gpt2", "llama")}}
 
 
 WORDS = "cat dog bird fish horse cow sheep goat lion tiger bear wolf fox deer mouse frog".split()

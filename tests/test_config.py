@@ -94,3 +94,9 @@ def test_show_config_cli_and_error_exit(tmp_path):
     assert bad.returncode == 2
     assert "--optim.lr: 'optim.lr' expected a number, got 'fast'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_config_reference_is_current():
+    from ipt_ds.configdoc import render
+
+    assert (REPO / "docs" / "config.md").read_text() == render(), "run: python -m ipt_ds.configdoc > docs/config.md"
