@@ -88,3 +88,22 @@ def test_existing_run_is_never_overwritten_without_asking(tmp_path, tiny_bert):
     assert result.returncode == 2
     assert "already holds a run; pass --run.resume=true" in result.stderr
     assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_resume_from_latest_continues_the_exact_loss_sequence(tmp_path, tiny_bert):
+    cfg = tiny_config(tmp_path, tiny_bert)
+    common = ["--run.log_every=1", "--optim.schedule=constant", "--optim.warmup_ratio=0", "--head.dropout=0.3"]
+    straight = run_cli("train", str(cfg), f"--run.output_dir={tmp_path / 'a'}", "--train.max_steps=8", *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = run_cli("train", str(cfg), f"--run.output_dir={tmp_path / 'b'}", "--train.max_steps=4", *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run_cli("train", str(cfg), f"--run.output_dir={tmp_path / 'b'}", "--train.max_steps=8",
+                      "--run.resume=true", *common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step 4" in resumed.stderr
+
+    def losses(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+    assert losses("b") == losses("a")  # bitwise: same data order, dropout draws, optimizer state
