@@ -1,7 +1,8 @@
 """Output heads: a trained linear head on a pooled state, or the backbone's own LM/MLM head as a verbalizer.
 
 `linear`: pool the method's hidden states (first real token, mean of real tokens, or last real token) -> dropout ->
-Linear(H, C); one output for regression. This is the P-tuning v2 / IPT head.
+Linear(H, C); one output for regression. This is the P-tuning v2 / IPT head. With `siamese`, the two texts of a pair
+are encoded apart and the head reads [u, v, |u - v|, u * v] (Sentence-BERT's classifier).
 `verbalizer`: read the hidden state at the label position (the mask token for MLM encoders; the last token of the
 template stem for decoders), score it with the frozen pretrained LM head, and keep the label words' logits. Training
 uses cross-entropy over the full vocabulary with the gold label word as target (as LPT and null prompts do), or
@@ -34,9 +35,14 @@ class HeadConfig:
     """Verbalizer template with {a}, {b} and {mask}; {mask} must end it for decoders. Empty: the task's default."""
     full_vocab_loss: bool = True
     """Verbalizer training loss over the whole vocabulary (True) or over the label words only (False)."""
+    siamese: bool = False
+    """Linear head on sentence pairs: encode text_a and text_b separately (same method, same prompts) and classify
+    [u, v, |u - v|, u * v] of their pooled states, as Sentence-BERT does; suits sentence-embedding backbones."""
 
     def validate(self) -> list[str]:
         problems = []
+        if self.siamese and self.type != "linear":
+            problems.append("head.siamese needs head.type linear")
         if not 0 <= self.dropout < 1:
             problems.append(f"head.dropout must be in [0, 1), got {self.dropout}")
         if self.template and "{mask}" not in self.template:
@@ -44,30 +50,32 @@ class HeadConfig:
         return problems
 
 
-def _real_token_index(out: MethodOutput, batch: dict, which: str) -> torch.Tensor:
-    """(B,) position in `out.hidden` of each row's first or last real token (inputs are right-padded)."""
-    lengths = batch["attention_mask"].sum(dim=1)
-    index = torch.zeros_like(lengths) if which == "first" else lengths - 1
-    return index + out.num_prefix
+def pool_hidden(out: MethodOutput, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, H) summary of the T real tokens (right-padded, after the method's P prefix positions): the first (CLS),
+    the last, or their mean."""
+    hidden = out.hidden[:, out.num_prefix :].float()  # (B, T, H)
+    if how == "mean":
+        mask = attention_mask.unsqueeze(-1).float()  # (B, T, 1)
+        return (hidden * mask).sum(1) / mask.sum(1)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    index = torch.zeros_like(rows) if how == "cls" else attention_mask.sum(dim=1) - 1
+    return hidden[rows, index]
 
 
 class LinearHead(nn.Module):
-    def __init__(self, hidden_size: int, num_outputs: int, *, pool: str, dropout: float):
+    def __init__(self, hidden_size: int, num_outputs: int, *, pool: str, dropout: float, siamese: bool):
         super().__init__()
         self.pool = pool
         self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(hidden_size, num_outputs)
+        self.linear = nn.Linear(4 * hidden_size if siamese else hidden_size, num_outputs)
 
-    def forward(self, out: MethodOutput, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, out: MethodOutput, batch: dict, pair: MethodOutput | None = None):
         """Return (logits (B, C), or scores (B,) for regression; loss if the batch has labels)."""
-        hidden = out.hidden.float()
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        if self.pool == "mean":
-            mask = out.attention_mask.unsqueeze(-1).float()  # (B, S, 1), prompt positions included
-            pooled = (hidden * mask).sum(1) / mask.sum(1)
-        else:
-            pooled = hidden[rows, _real_token_index(out, batch, "first" if self.pool == "cls" else "last")]
-        logits = self.linear(self.dropout(pooled))  # (B, C)
+        features = pool_hidden(out, batch["attention_mask"], self.pool)  # (B, H)
+        if pair is not None:
+            v = pool_hidden(pair, batch["pair_attention_mask"], self.pool)
+            features = torch.cat([features, v, (features - v).abs(), features * v], dim=-1)  # (B, 4H)
+        logits = self.linear(self.dropout(features))  # (B, C)
         if logits.shape[-1] == 1:
             scores = logits.squeeze(-1)
             return scores, nn.functional.mse_loss(scores, batch["labels"].float()) if "labels" in batch else None
@@ -99,4 +107,4 @@ def build_head(cfg: HeadConfig, backbone: Backbone, *, num_labels: int, label_to
     if cfg.type == "verbalizer":
         return VerbalizerHead(backbone, label_token_ids, full_vocab_loss=cfg.full_vocab_loss)
     pool = cfg.pool if cfg.pool != "auto" else ("cls" if backbone.family == "encoder" else "last")
-    return LinearHead(backbone.hidden_size, max(num_labels, 1), pool=pool, dropout=cfg.dropout)
+    return LinearHead(backbone.hidden_size, max(num_labels, 1), pool=pool, dropout=cfg.dropout, siamese=cfg.siamese)

@@ -30,7 +30,11 @@ class PromptModel(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (label logits (B, C) or regression scores (B,); mean loss when the batch has labels)."""
-        return self.head(self.method(self.backbone, batch), batch)
+        out = self.method(self.backbone, batch)
+        if "pair_input_ids" not in batch:
+            return self.head(out, batch)
+        pair = {"input_ids": batch["pair_input_ids"], "attention_mask": batch["pair_attention_mask"]}
+        return self.head(out, batch, self.method(self.backbone, pair))
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Names of the trained tensors mapped to the tensors (partitioned placeholders under ZeRO-3)."""
@@ -75,5 +79,6 @@ def build_model(cfg: Config, task: Task, *, dtype: torch.dtype, ds_config: dict 
         # Task templates are written for masked LMs; a decoder predicts the label word as the continuation.
         template = "{a} {b} Answer: {mask}" if "{b}" in template else "{a} Answer: {mask}"
     encoder = TextEncoder(tokenizer=tokenizer, task=task, max_length=cfg.data.max_length,
-                          template=template if verbalizer else "", decoder=backbone.family == "decoder")
+                          template=template if verbalizer else "", decoder=backbone.family == "decoder",
+                          siamese=cfg.head.siamese)
     return model, encoder

@@ -100,3 +100,11 @@ def test_config_reference_is_current():
     from ipt_ds.configdoc import render
 
     assert (REPO / "docs" / "config.md").read_text() == render(), "run: python -m ipt_ds.configdoc > docs/config.md"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_ds_config_resolves(path: Path):
+    cfg = load_config(None, {"deepspeed.config": str(path)})
+    ds = resolve_ds_config(cfg, world_size=2, hidden_size=64)
+    assert ds["train_batch_size"] == cfg.train.batch_size
+    assert "auto" not in json.dumps(ds)

@@ -43,6 +43,8 @@ class TextEncoder:
     template: str = ""
     """Empty: the linear-head encoding; else a verbalizer template."""
     decoder: bool = False
+    siamese: bool = False
+    """Encode text_a and text_b as two sequences (input_ids, pair_input_ids) for a siamese head."""
     num_truncated: int = 0
 
     def __post_init__(self):
@@ -63,10 +65,18 @@ class TextEncoder:
         return features
 
     def _pair(self, example: Example) -> dict:
-        enc = self.tokenizer(example.text_a, example.text_b)
+        if not self.siamese:
+            return self._tokenize(example.text_a, example.text_b)
+        if example.text_b is None:
+            raise ValueError(f"head.siamese needs sentence pairs; task '{self.task.name}' has single texts")
+        return {"input_ids": self._tokenize(example.text_a)["input_ids"],
+                "pair_input_ids": self._tokenize(example.text_b)["input_ids"]}
+
+    def _tokenize(self, text_a: str, text_b: str | None = None) -> dict:
+        enc = self.tokenizer(text_a, text_b)
         if len(enc["input_ids"]) > self.max_length:
             self.num_truncated += 1
-            enc = self.tokenizer(example.text_a, example.text_b, truncation="longest_first", max_length=self.max_length)
+            enc = self.tokenizer(text_a, text_b, truncation="longest_first", max_length=self.max_length)
         features = {"input_ids": enc["input_ids"]}
         if "token_type_ids" in enc:
             features["token_type_ids"] = enc["token_type_ids"]
@@ -124,6 +134,9 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         batch["attention_mask"][row, :n] = 1
         if "token_type_ids" in batch:
             batch["token_type_ids"][row, :n] = torch.tensor(f["token_type_ids"])
+    if "pair_input_ids" in features[0]:
+        pair = collate([{"input_ids": f["pair_input_ids"]} for f in features], pad_id)
+        batch["pair_input_ids"], batch["pair_attention_mask"] = pair["input_ids"], pair["attention_mask"]
     if "label_position" in features[0]:
         batch["label_position"] = torch.tensor([f["label_position"] for f in features])
     if "labels" in features[0]:
