@@ -1,4 +1,4 @@
-"""The frozen pretrained backbone: loading (plain or ZeRO-3 partitioned), freezing, and the few entry points methods use.
+"""The frozen pretrained backbone: loading (plain or ZeRO-3 partitioned), freezing, and what methods use.
 
 This is the only module that knows transformers internals. Methods and heads call `Backbone.embed`,
 `Backbone.encode` and `Backbone.vocab_logits`; they never touch `.weight` of a backbone module, because under ZeRO-3

@@ -177,7 +177,8 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = tree.body[0].body
         for node, after in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            documented = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+            if isinstance(node, ast.AnnAssign) and documented:
                 docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 

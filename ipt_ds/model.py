@@ -33,7 +33,7 @@ class PromptModel(nn.Module):
         out = self.method(self.backbone, batch)
         if "pair_input_ids" not in batch:
             return self.head(out, batch)
-        pair = {"input_ids": batch["pair_input_ids"], "attention_mask": batch["pair_attention_mask"]}
+        pair = {key.removeprefix("pair_"): value for key, value in batch.items() if key.startswith("pair_")}
         return self.head(out, batch, self.method(self.backbone, pair))
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -53,7 +53,9 @@ class PromptModel(nn.Module):
         return sum(local_bytes(p) for p in self.backbone.parameters())
 
 
-def build_model(cfg: Config, task: Task, *, dtype: torch.dtype, ds_config: dict | None) -> tuple[PromptModel, TextEncoder]:
+def build_model(
+    cfg: Config, task: Task, *, dtype: torch.dtype, ds_config: dict | None
+) -> tuple[PromptModel, TextEncoder]:
     """Load the backbone, attach the configured method and head; return the model and its text encoder."""
     verbalizer = cfg.head.type == "verbalizer"
     if verbalizer and task.is_regression:

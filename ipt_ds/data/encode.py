@@ -69,15 +69,21 @@ class TextEncoder:
             return self._tokenize(example.text_a, example.text_b)
         if example.text_b is None:
             raise ValueError(f"head.siamese needs sentence pairs; task '{self.task.name}' has single texts")
-        return {"input_ids": self._tokenize(example.text_a)["input_ids"],
-                "pair_input_ids": self._tokenize(example.text_b)["input_ids"]}
+        first, second = self._tokenize(example.text_a), self._tokenize(example.text_b)
+        return {"input_ids": first["input_ids"], "split_position": first["split_position"],
+                "pair_input_ids": second["input_ids"], "pair_split_position": second["split_position"]}
 
     def _tokenize(self, text_a: str, text_b: str | None = None) -> dict:
         enc = self.tokenizer(text_a, text_b)
         if len(enc["input_ids"]) > self.max_length:
             self.num_truncated += 1
             enc = self.tokenizer(text_a, text_b, truncation="longest_first", max_length=self.max_length)
-        features = {"input_ids": enc["input_ids"]}
+        # Where a method may split its prompt around the input: the start of text_b, else the end of text_a.
+        sequence_ids = enc.sequence_ids(0)
+        split = next((i for i, s in enumerate(sequence_ids) if s == 1), None)
+        if split is None:
+            split = max(i for i, s in enumerate(sequence_ids) if s == 0) + 1 if 0 in sequence_ids else 0
+        features = {"input_ids": enc["input_ids"], "split_position": split}
         if "token_type_ids" in enc:
             features["token_type_ids"] = enc["token_type_ids"]
         return features
@@ -104,8 +110,10 @@ class TextEncoder:
                 longest = max(lengths, key=lengths.get)
                 lengths[longest] -= 1
         input_ids = list(self._prefix)
-        label_position = -1
+        label_position = split = -1
         for kind, ids in segments:
+            if kind == "{b}" or (kind == "{mask}" and split < 0):
+                split = len(input_ids)  # a split prompt goes before text_b, else before the mask
             if kind == "{mask}":
                 if self.decoder:
                     label_position = len(input_ids) - 1
@@ -116,7 +124,7 @@ class TextEncoder:
                 input_ids.extend(ids[: lengths.get(kind, len(ids))])
         if not self.decoder:
             input_ids.extend(self._suffix)
-        return {"input_ids": input_ids, "label_position": label_position}
+        return {"input_ids": input_ids, "label_position": label_position, "split_position": split}
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -135,10 +143,12 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         if "token_type_ids" in batch:
             batch["token_type_ids"][row, :n] = torch.tensor(f["token_type_ids"])
     if "pair_input_ids" in features[0]:
-        pair = collate([{"input_ids": f["pair_input_ids"]} for f in features], pad_id)
-        batch["pair_input_ids"], batch["pair_attention_mask"] = pair["input_ids"], pair["attention_mask"]
-    if "label_position" in features[0]:
-        batch["label_position"] = torch.tensor([f["label_position"] for f in features])
+        pair = collate([{"input_ids": f["pair_input_ids"], "split_position": f["pair_split_position"]}
+                        for f in features], pad_id)
+        batch.update({f"pair_{key}": value for key, value in pair.items()})
+    for key in ("label_position", "split_position"):
+        if key in features[0]:
+            batch[key] = torch.tensor([f[key] for f in features])
     if "labels" in features[0]:
         labels = [f["labels"] for f in features]
         batch["labels"] = torch.tensor(labels, dtype=torch.float if isinstance(labels[0], float) else torch.long)

@@ -59,7 +59,8 @@ def initial_prompt(cfg: PromptTuningConfig, backbone: Backbone, tokenizer) -> to
         return torch.empty(num_tokens, hidden).uniform_(-cfg.init_range, cfg.init_range)
     if cfg.init == "vocab":
         special = set(tokenizer.all_special_ids)
-        candidates = [i for i in range(min(NUM_FREQUENT_TOKENS + len(special), backbone.vocab_size)) if i not in special]
+        frequent = range(min(NUM_FREQUENT_TOKENS + len(special), backbone.vocab_size))
+        candidates = [i for i in frequent if i not in special]
         ids = torch.tensor(candidates)[torch.randperm(len(candidates))[:num_tokens]]
     else:
         text_ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
