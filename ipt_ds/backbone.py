@@ -211,6 +211,8 @@ def load_backbone(
             f"tokenizer of {path} has {len(tokenizer)} tokens but the model's vocabulary is "
             f"{model.config.vocab_size}: the tokenizer does not belong to this backbone"
         )
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # unused (heads pool themselves); a randomly initialised pooler would only cost memory
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     backbone = Backbone(model, keep_dropout=cfg.dropout)

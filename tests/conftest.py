@@ -27,11 +27,15 @@ def save_tiny(kind: str, out: Path) -> Path:
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
     torch.manual_seed(0)
-    if kind == "bert":
+    if kind in ("bert", "roberta", "deberta-v2"):  # encoders borrow MiniLM's real WordPiece tokenizer
+        from transformers import DebertaV2Config, DebertaV2ForMaskedLM, RobertaConfig, RobertaForMaskedLM
+
         tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-        config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, max_position_embeddings=256, hidden_dropout_prob=0.1)
-        model = BertForMaskedLM(config)
+        sizes = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id)
+        config_cls, model_cls = {"bert": (BertConfig, BertForMaskedLM), "roberta": (RobertaConfig, RobertaForMaskedLM),
+                                 "deberta-v2": (DebertaV2Config, DebertaV2ForMaskedLM)}[kind]
+        model = model_cls(config_cls(**sizes))
     else:  # decoders borrow the real SmolLM2 tokenizer (from the converted cache of the packaged GGUF)
         from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -58,9 +62,10 @@ def tiny_bert(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tiny_bert) -> dict[str, Path]:
     return {"bert": tiny_bert, **{kind: save_tiny(kind, tmp_path_factory.mktemp(f"tiny-{kind}"))
-                                  for kind in ("gpt2", "llama")}}
+                                  for kind in FAMILIES if kind != "bert"}}
 
 
+FAMILIES = ("bert", "roberta", "deberta-v2", "gpt2", "llama")
 WORDS = "cat dog bird fish horse cow sheep goat lion tiger bear wolf fox deer mouse frog".split()
 
 
@@ -80,6 +85,21 @@ def write_entailment_task(directory: Path, *, num_train: int = 96, num_eval: int
         paths[split] = directory / f"{split}.jsonl"
         paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return paths
+
+
+def write_topic_task(directory: Path, *, num_train: int = 16, seed: int = 0) -> Path:
+    """RTE-format jsonl whose label is the topic of the premise: two disjoint vocabularies, easy to fit."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    topics = (WORDS[:8], "red green blue yellow purple orange white black".split())
+    rows = []
+    for i in range(num_train):
+        words = topics[i % 2]
+        rows.append({"premise": " ".join(rng.choices(words, k=6)), "hypothesis": " ".join(rng.choices(WORDS, k=2)),
+                     "label": ("entailment", "not_entailment")[i % 2], "idx": i})
+    path = directory / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def write_config(path: Path, sections: dict) -> Path:

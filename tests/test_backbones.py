@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import run_cli, write_config, write_entailment_task
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "gpt2", "llama"])
 @pytest.mark.parametrize("head", ["linear", "verbalizer"])
 def test_family_trains_with_head(tmp_path, tiny_models, family, head):
     data = write_entailment_task(tmp_path / "data", num_train=32, num_eval=16)
