@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ipt_ds.backbone import gathered
+from ipt_ds.peft_export import write_peft_adapter
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
@@ -39,16 +40,17 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 
 def export_trainable(model: torch.nn.Module, out_dir: Path, meta: dict, *, rank: int) -> None:
-    """Gather the trained tensors (every rank must call this) and write the export on rank 0."""
+    """Gather the trained tensors (every rank must call this) and write the export on rank 0: the trained tensors,
+    the config, and, for methods PEFT also has, a PEFT adapter under `peft/` for the same backbone."""
     named = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    with gathered(list(named.values())):
-        tensors = {name: p.detach().to("cpu", torch.float32).clone() for name, p in named.items()} if rank == 0 else {}
-    if rank != 0:
-        return
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, tmp / EXPORT_WEIGHTS)
+    with gathered(list(named.values())), torch.no_grad():
+        if rank != 0:
+            return
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({name: p.detach().to("cpu", torch.float32).clone() for name, p in named.items()}, tmp / EXPORT_WEIGHTS)
+        write_peft_adapter(model.method, model.backbone, model.backbone.model.name_or_path, tmp / "peft")
     (tmp / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2))
     replace_dir(tmp, out_dir)
 

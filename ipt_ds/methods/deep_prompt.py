@@ -72,6 +72,12 @@ class DeepPrompt(nn.Module):
         """(P, L * 2 * kv) keys and values of every layer."""
         return self.mlp(self.embedding) if hasattr(self, "mlp") else self.table
 
+    def peft_adapter(self) -> tuple[dict, torch.Tensor]:
+        """PEFT's prefix tuning in inference mode reads the folded (P, L * 2 * kv) table; kv heads for GQA models."""
+        fields = {"peft_type": "PREFIX_TUNING", "prefix_projection": hasattr(self, "mlp"),
+                  "num_attention_heads": self.num_kv_heads, "token_dim": self.num_kv_heads * self.head_dim}
+        return fields, self.prefix_table()
+
     def forward(self, backbone: Backbone, batch: dict) -> MethodOutput:
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
         batch_size = input_ids.shape[0]

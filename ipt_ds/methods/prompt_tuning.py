@@ -48,6 +48,9 @@ class PromptTuning(nn.Module):
         self.prompt = nn.Parameter(prompt)  # (P, H)
         self.num_prefix_positions = prompt.shape[0]
 
+    def peft_adapter(self) -> tuple[dict, torch.Tensor]:
+        return {"peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM"}, self.prompt
+
     def forward(self, backbone: Backbone, batch: dict) -> MethodOutput:
         batch_size = batch["input_ids"].shape[0]
         return run_with_input_prompt(backbone, self.prompt.expand(batch_size, -1, -1), batch)

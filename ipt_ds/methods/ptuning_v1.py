@@ -56,6 +56,13 @@ class PTuningV1(nn.Module):
             x = self.lstm_head(x)[0]  # (1, P, 2 * width)
         return self.mlp_head(x)[0]
 
+    def peft_adapter(self) -> tuple[dict, torch.Tensor] | None:
+        if self.placement != "prefix":
+            return None  # PEFT's P-tuning only prepends
+        fields = {"peft_type": "P_TUNING", "encoder_hidden_size": self.embedding.weight.shape[1],
+                  "encoder_reparameterization_type": "LSTM" if hasattr(self, "lstm_head") else "MLP"}
+        return fields, self.prompt()
+
     def forward(self, backbone: Backbone, batch: dict) -> MethodOutput:
         batch_size = batch["input_ids"].shape[0]
         prompt = self.prompt().expand(batch_size, -1, -1)  # (B, P, H)

@@ -1,0 +1,39 @@
+"""PEFT's adapter layout for the prompt methods PEFT also has: `adapter_config.json` + `adapter_model.safetensors`.
+
+A method opts in with `peft_adapter() -> (fields, table)`: its PEFT type and options, and the folded prompt table
+(reparameterizations already applied), which PEFT loads in inference mode as `prompt_embeddings`. Written next to the
+export (`<export>/peft/`), so that `PeftModel.from_pretrained(base_model, "<export>/peft")` reproduces the prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from ipt_ds.backbone import Backbone
+
+
+def write_peft_adapter(method, backbone: Backbone, base_model: str, out_dir: Path) -> bool:
+    """Write the adapter if the method has a PEFT equivalent; returns whether it did. Call with gathered weights."""
+    adapter = getattr(method, "peft_adapter", None)
+    exported = adapter() if adapter is not None else None
+    if exported is None:
+        return False
+    fields, table = exported
+    config = {
+        "task_type": "FEATURE_EXTRACTION",
+        "base_model_name_or_path": base_model,
+        "num_virtual_tokens": table.shape[0],
+        "token_dim": backbone.hidden_size,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": backbone.num_heads,
+        "num_layers": backbone.num_layers,
+        "inference_mode": True,
+        **fields,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"prompt_embeddings": table.detach().float().cpu().contiguous()}, out_dir / "adapter_model.safetensors")
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return True
