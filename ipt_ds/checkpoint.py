@@ -49,7 +49,8 @@ def export_trainable(model: torch.nn.Module, out_dir: Path, meta: dict, *, rank:
             return
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({name: p.detach().to("cpu", torch.float32).clone() for name, p in named.items()}, tmp / EXPORT_WEIGHTS)
+        tensors = {name: p.detach().to("cpu", torch.float32).clone() for name, p in named.items()}
+        save_file(tensors, tmp / EXPORT_WEIGHTS)
         write_peft_adapter(model.method, model.backbone, model.backbone.model.name_or_path, tmp / "peft")
     (tmp / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2))
     replace_dir(tmp, out_dir)
