@@ -85,6 +85,35 @@ def _gguf_cache(path: str, gguf_file: str, dtype: torch.dtype) -> str:
     return str(cache)
 
 
+def prefix_cache(prefix: list[tuple[torch.Tensor, torch.Tensor]], config):
+    """A transformers Cache holding per-layer key/value prefixes that attention reads but never grows.
+
+    A normal cache appends each forward's keys, so a layer recomputed under gradient checkpointing would see them
+    twice; transformers therefore drops the cache under checkpointing (and PEFT forbids prefixes with it). Reads that
+    leave the cache unchanged make the recompute identical, which `enable_prefix_checkpointing` relies on.
+    """
+    from transformers import DynamicCache
+
+    class PrefixCache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            layer = self.layers[layer_idx]
+            return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+    cache = PrefixCache(config=config)
+    for layer, (keys, values) in enumerate(prefix):
+        DynamicCache.update(cache, keys, values, layer)
+    return cache
+
+
+def enable_prefix_checkpointing(model: nn.Module) -> None:
+    """Let checkpointed layers keep the (read-only) prefix cache instead of silently dropping it."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module._can_checkpoint_with_cache = True
+
+
 def family_of(model_type: str, *, is_encoder_decoder: bool = False) -> Literal["encoder", "decoder"]:
     if model_type in ENCODER_TYPES:
         return "encoder"
@@ -129,6 +158,13 @@ class Backbone(nn.Module):
         super().train(mode)
         if not self.keep_dropout:
             self.model.eval()
+            if mode and self.model.is_gradient_checkpointing:
+                # transformers only checkpoints layers in training mode; flag the layers, their dropouts stay off.
+                from transformers.modeling_layers import GradientCheckpointingLayer
+
+                for module in self.model.modules():
+                    if isinstance(module, GradientCheckpointingLayer):
+                        module.training = True
         return self
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -155,15 +191,10 @@ class Backbone(nn.Module):
             num_prompt = inputs_embeds.shape[1] - token_type_ids.shape[1]
             kwargs["token_type_ids"] = nn.functional.pad(token_type_ids, (num_prompt, 0))
         if prefix is not None:
-            from transformers import DynamicCache
-
             if self.model.config.model_type in ("deberta", "deberta-v2"):
                 raise ValueError("key/value prefixes are not supported on DeBERTa backbones (their attention takes "
                                  "no cache); use an input-level method such as prompt_tuning")
-            cache = DynamicCache(config=self.model.config)
-            for layer, (keys, values) in enumerate(prefix):
-                cache.update(keys, values, layer)
-            kwargs["past_key_values"] = cache
+            kwargs["past_key_values"] = prefix_cache(prefix, self.model.config)
         out = self.base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, **kwargs)
         return out.last_hidden_state
 
@@ -215,6 +246,7 @@ def load_backbone(
         model.pooler = None  # unused (heads pool themselves); a randomly initialised pooler would only cost memory
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_prefix_checkpointing(model)
     backbone = Backbone(model, keep_dropout=cfg.dropout)
     backbone._ds_config_ref = keep_alive  # plain attribute: keeps HfDeepSpeedConfig alive with the model
     return backbone, tokenizer

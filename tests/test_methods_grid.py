@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ipt_ds.config import load_config
 from ipt_ds.data.encode import collate
@@ -170,3 +171,30 @@ def test_split_placement_puts_the_second_half_before_text_b(tiny_models, data):
     assert torch.equal(merged[half + split : NUM_PROMPT + split], prompt[half:])
     assert torch.equal(merged[NUM_PROMPT + split :], tokens[0, split:])
     assert seen["types"][0, NUM_PROMPT + split] == 1  # text_b keeps its segment id
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("name", ["ptuning_v2", "prompt_tuning"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family, name, tiny_models, data):
+    """Checkpointed layers recompute in backward; prefixes must survive that (transformers drops a normal cache)."""
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg = load_config(None, {"model.name_or_path": str(tiny_models[family]), "head.dropout": 0.0,
+                                 "data.max_length": 32, "model.gradient_checkpointing": checkpointing,
+                                 **method_overrides(name)})
+        model, encoder = build_model(cfg, get_task("rte"), dtype=torch.float32, ds_config=None)
+        batch = collate([encoder(e) for e in read_split(data["train"], get_task("rte"))],
+                        encoder.tokenizer.pad_token_id)
+        model.train()
+        calls = []  # forwards of the first layer's children: a checkpointed layer runs them again in backward
+        first_layer = next(m for m in model.backbone.modules() if isinstance(m, GradientCheckpointingLayer))
+        next(first_layer.children()).register_forward_hook(lambda *args: calls.append(1))
+        _, loss = model(batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.method.parameters()]))
+        assert len(calls) == (2 if checkpointing else 1)
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss)
+    for grad, grad_ckpt in zip(grads, grads_ckpt):
+        torch.testing.assert_close(grad_ckpt, grad)
