@@ -189,7 +189,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family, name, 
         model.train()
         calls = []  # forwards of the first layer's children: a checkpointed layer runs them again in backward
         first_layer = next(m for m in model.backbone.modules() if isinstance(m, GradientCheckpointingLayer))
-        next(first_layer.children()).register_forward_hook(lambda *args: calls.append(1))
+        next(first_layer.children()).register_forward_hook(lambda *args, calls=calls: calls.append(1))
         _, loss = model(batch)
         loss.backward()
         results.append((loss.detach(), [p.grad for p in model.method.parameters()]))
