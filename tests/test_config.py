@@ -82,8 +82,8 @@ def test_ds_config_is_filled_from_the_yaml():
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_yaml_loads_and_names_its_command(path: Path):
     load_config(path)
-    header = path.read_text().splitlines()[:4]
-    assert any("ipt-ds " in line or "-m ipt_ds" in line for line in header), f"{path} must name its run command"
+    header = path.read_text().splitlines()[:5]
+    assert any("ipt-ds train" in line or "ipt_ds train" in line for line in header), f"{path} must name its command"
 
 
 def test_show_config_cli_and_error_exit(tmp_path):

