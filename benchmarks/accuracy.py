@@ -1,0 +1,91 @@
+"""Accuracy study: shipped configs x seeds on real data, mean and spread per config; resumable.
+
+    python -m benchmarks.accuracy --configs configs/cb/*_minilm.yaml --seeds 1 2 3 [--num-ranks 1]
+
+Every cell (config, seed) trains with `ipt-ds train` into benchmarks/results/accuracy/runs/<config>-seed<seed>; a cell
+whose results.json exists is skipped, so an interrupted study continues where it stopped. Protocol: the config's eval
+split is used for model selection (best evaluation) and is the split reported, as in the IPT and P-tuning v2 reference
+runs; `eval_majority_acc` is the number to beat. Writes results.json, results.md and results.png in the study folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OUT = Path("benchmarks/results/accuracy")
+
+
+def run_cell(config: Path, seed: int, num_ranks: int) -> dict:
+    run = OUT / "runs" / f"{config.parent.name}-{config.stem}-seed{seed}"
+    if not (run / "results.json").exists():
+        args = ["train", str(config), f"--run.seed={seed}", f"--run.output_dir={run}", "--run.overwrite=true"]
+        if num_ranks == 1:
+            cmd = [sys.executable, "-m", "ipt_ds", *args]
+        else:
+            cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_ranks), "--module", "ipt_ds",
+                   *args]
+        start = time.perf_counter()
+        result = subprocess.run(cmd, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"{config} seed {seed} failed:\n{result.stderr[-2000:]}")
+        print(f"{config} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+    return json.loads((run / "results.json").read_text())
+
+
+def summarize(cells: dict[str, list[dict]]) -> list[dict]:
+    rows = []
+    for name, results in cells.items():
+        metric = next(iter(results[0]["eval"]))
+        scores = [r["eval"][metric] for r in results]
+        rows.append({"config": name, "task": results[0]["task"], "method": results[0]["method"], "metric": metric,
+                     "mean": statistics.mean(scores), "sd": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                     "seeds": len(scores), "scores": scores, "majority": results[0].get("eval_majority_acc"),
+                     "trainable": results[0]["parameters"]["trainable"]})
+    return rows
+
+
+def write_report(rows: list[dict], command: str) -> None:
+    (OUT / "results.json").write_text(json.dumps(rows, indent=2))
+    lines = [f"Command: `{command}`", f"Date: {time.strftime('%Y-%m-%d')}", "",
+             "| config | task | method | trainable params | metric | mean ± sd | seeds | majority |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['task']} | {r['method']} | {r['trainable']:,} | {r['metric']} | "
+                     f"{r['mean']:.1f} ± {r['sd']:.1f} | {r['seeds']} | {r['majority']:.1f} |")
+    (OUT / "results.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.4 * len(rows)))
+    ax.barh([r["config"] for r in rows], [r["mean"] for r in rows], xerr=[r["sd"] for r in rows], color="tab:blue")
+    for i, r in enumerate(rows):
+        ax.plot([r["majority"]] * 2, [i - 0.4, i + 0.4], color="black", linestyle="--")
+    ax.set_xlabel("eval metric (mean ± sd over seeds); dashed: majority class")
+    fig.tight_layout()
+    fig.savefig(OUT / "results.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", type=Path, required=True)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--num-ranks", type=int, default=1)
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    cells = {f"{c.parent.name}/{c.stem}": [run_cell(c, seed, args.num_ranks) for seed in args.seeds]
+             for c in args.configs}
+    write_report(summarize(cells), "python -m benchmarks.accuracy " + " ".join(sys.argv[1:]))
+    print((OUT / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
