@@ -31,6 +31,28 @@ def lstm_params(inp: int, width: int) -> int:
     return 2 * per_direction(inp) + 2 * per_direction(2 * width)
 
 
+def generator_params(kind: str, d_in: int, d_out: int, width: int) -> int:
+    if kind == "cnn":
+        return sum(d_in * width * k + width for k in (3, 4, 5)) + 3 * width * d_out + d_out
+    if kind == "mlp":
+        return 2 * d_in * width + width + width * d_out + d_out
+    return 2 * (4 * width * d_in + 4 * width * width + 8 * width) + 2 * width * d_out + d_out  # one bi-LSTM layer
+
+
+def ipt_trainable(method, bb) -> int:
+    """IPT: task prompt or prefix, lookup table (unless fix_emb), generator; see ipt.py for when each exists."""
+    n, hidden, kv = method.num_tokens, bb.hidden_size, bb.num_kv_heads * bb.head_dim
+    prefix_path = method.method == "prefix-tuning"
+    width = 2 * kv if prefix_path else hidden
+    total = n * bb.num_layers * 2 * kv if prefix_path else (n * hidden if method.task_prompt or not method.instance
+                                                             else 0)
+    has_table = method.instance and (method.instance_pretrain or not method.encoder)
+    total += bb.vocab_size * width if has_table and not method.fix_emb else 0
+    if method.instance and method.encoder:
+        total += generator_params(method.encoder, width if has_table else hidden, width, method.generator_width)
+    return total
+
+
 def expected_trainable(name: str, model, cfg) -> int:
     bb = model.backbone
     hidden, kv = bb.hidden_size, bb.num_layers * 2 * bb.num_kv_heads * bb.head_dim
@@ -45,6 +67,7 @@ def expected_trainable(name: str, model, cfg) -> int:
                            + method.projection_hidden * kv + kv + head),
         "ptuning_v1": lambda: (NUM_PROMPT * hidden + lstm_params(hidden, hidden)
                                + (2 * hidden) ** 2 + 2 * hidden + 2 * hidden * hidden + hidden + head),
+        "ipt": lambda: ipt_trainable(method, bb) + head,
         "bitfit": lambda: sum(m.bias.numel() for m in bb.modules()
                               if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)) and m.bias is not None) + head,
     }
@@ -55,8 +78,9 @@ def expected_trainable(name: str, model, cfg) -> int:
 def method_overrides(name: str, num_prompt: int = NUM_PROMPT) -> dict:
     fields = {f.name for f in dataclasses.fields(get_method(name).config_cls)}
     overrides = {"method.name": name}
-    if "num_virtual_tokens" in fields:
-        overrides["method.num_virtual_tokens"] = num_prompt
+    for length in ("num_virtual_tokens", "num_tokens"):
+        if length in fields:
+            overrides[f"method.{length}"] = num_prompt
     if "dropout" in fields:
         overrides["method.dropout"] = 0.0
     return overrides
@@ -198,3 +222,42 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family, name, 
     torch.testing.assert_close(loss_ckpt, loss)
     for grad, grad_ckpt in zip(grads, grads_ckpt):
         torch.testing.assert_close(grad_ckpt, grad)
+
+
+IPT_VARIANTS = {
+    "prompt-cnn": {"method.encoder": "cnn", "method.generator_width": 8},
+    "prompt-lstm-task": {"method.encoder": "lstm", "method.generator_width": 8, "method.task_prompt": True},
+    "prompt-mlp": {"method.encoder": "mlp", "method.generator_width": 8},
+    "prefix-random": {"method.method": "prefix-tuning"},
+    "prefix-cnn": {"method.method": "prefix-tuning", "method.encoder": "cnn", "method.generator_width": 8,
+                   "method.instance_scale": 1.0},
+    "prefix-task-only": {"method.method": "prefix-tuning", "method.instance": False},
+}
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("variant", sorted(IPT_VARIANTS))
+def test_ipt_variants(family, variant, tiny_models, data):
+    torch.manual_seed(0)
+    cfg = load_config(None, {"model.name_or_path": str(tiny_models[family]), "head.dropout": 0.0,
+                             "head.pool": "mean", "data.max_length": 32, **method_overrides("ipt"),
+                             **IPT_VARIANTS[variant]})
+    task = get_task("rte")
+    model, encoder = build_model(cfg, task, dtype=torch.float32, ds_config=None)
+    batch = collate([encoder(e) for e in read_split(data["train"], task)], encoder.tokenizer.pad_token_id)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == ipt_trainable(cfg.method, model.backbone) + 2 * 32 + 2
+    model.train()
+    optimizer = torch.optim.Adam(trainable, lr=1e-2)
+    losses = []
+    for _ in range(25):
+        _, loss = model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < 0.8 * losses[0], losses
+    model.eval()  # the instance prompt depends on the input: two different inputs get different prompts
+    vectors = model.method.instance_vectors(model.backbone, batch["input_ids"]) if cfg.method.instance else None
+    if vectors is not None:
+        assert not torch.allclose(vectors[0], vectors[1])
