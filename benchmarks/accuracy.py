@@ -1,6 +1,7 @@
 """Accuracy study: shipped configs x seeds on real data, mean and spread per config; resumable.
 
     python -m benchmarks.accuracy --configs configs/cb/*_minilm.yaml --seeds 1 2 3 [--num-ranks 1]
+        [--override=--train.epochs=3]
 
 Every cell (config, seed) trains with `ipt-ds train` into benchmarks/results/accuracy/runs/<config>-seed<seed>; a cell
 whose results.json exists is skipped, so an interrupted study continues where it stopped. Protocol: the config's eval
@@ -22,10 +23,11 @@ from pathlib import Path
 OUT = Path("benchmarks/results/accuracy")
 
 
-def run_cell(config: Path, seed: int, num_ranks: int) -> dict:
+def run_cell(config: Path, seed: int, num_ranks: int, overrides: list[str]) -> dict:
     run = OUT / "runs" / f"{config.parent.name}-{config.stem}-seed{seed}"
     if not (run / "results.json").exists():
-        args = ["train", str(config), f"--run.seed={seed}", f"--run.output_dir={run}", "--run.overwrite=true"]
+        args = ["train", str(config), f"--run.seed={seed}", f"--run.output_dir={run}", "--run.overwrite=true",
+                *overrides]
         if num_ranks == 1:
             cmd = [sys.executable, "-m", "ipt_ds", *args]
         else:
@@ -79,9 +81,10 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", type=Path, required=True)
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--num-ranks", type=int, default=1)
+    parser.add_argument("--override", nargs="*", default=[], help="--section.key=value flags for every cell")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    cells = {f"{c.parent.name}/{c.stem}": [run_cell(c, seed, args.num_ranks) for seed in args.seeds]
+    cells = {f"{c.parent.name}/{c.stem}": [run_cell(c, seed, args.num_ranks, args.override) for seed in args.seeds]
              for c in args.configs}
     write_report(summarize(cells), "python -m benchmarks.accuracy " + " ".join(sys.argv[1:]))
     print((OUT / "results.md").read_text())
