@@ -46,7 +46,7 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def resolve_ds_config(cfg: Config, *, world_size: int, hidden_size: int | None = None) -> dict:
+def resolve_ds_config(cfg: Config, *, world_size: int) -> dict:
     """Read the DeepSpeed JSON and fill in what the YAML owns; a key set in both places is an error."""
     path = Path(cfg.deepspeed.config)
     if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
@@ -68,14 +68,19 @@ def resolve_ds_config(cfg: Config, *, world_size: int, hidden_size: int | None =
                          f"{cfg.train.micro_batch_size} x {world_size} ranks; change one of them")
     ds.update(train_batch_size=cfg.train.batch_size, train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
               gradient_accumulation_steps=cfg.train.batch_size // per_step, gradient_clipping=cfg.optim.grad_clip)
-    zero = ds.setdefault("zero_optimization", {"stage": 0})
-    if zero.get("stage") == 3 and hidden_size:
-        # Bucket and persistence sizes that fit the model (transformers' rule), unless the JSON chose its own.
+    ds.setdefault("zero_optimization", {"stage": 0})
+    ds.setdefault("steps_per_print", 10**9)  # our own logging reports progress
+    return ds
+
+
+def fit_zero3_buckets(ds: dict, hidden_size: int) -> None:
+    """ZeRO-3 bucket and persistence sizes scaled to the model (transformers' rule), unless the JSON set them:
+    the defaults are sized for models of billions of parameters and waste memory on smaller ones."""
+    zero = ds["zero_optimization"]
+    if zero.get("stage") == 3:
         zero.setdefault("reduce_bucket_size", hidden_size * hidden_size)
         zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
         zero.setdefault("stage3_param_persistence_threshold", 10 * hidden_size)
-    ds.setdefault("steps_per_print", 10**9)  # our own logging reports progress
-    return ds
 
 
 def ds_dtype(ds: dict) -> torch.dtype:

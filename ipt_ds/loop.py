@@ -18,7 +18,14 @@ from ipt_ds.config import Config
 from ipt_ds.data.encode import TextEncoder, collate
 from ipt_ds.data.pipeline import load_task_splits, rank_eval_batches, rank_train_batches
 from ipt_ds.data.tasks import Example, Task
-from ipt_ds.engine import TrainState, build_optimizer, ds_dtype, init_distributed, resolve_ds_config
+from ipt_ds.engine import (
+    TrainState,
+    build_optimizer,
+    ds_dtype,
+    fit_zero3_buckets,
+    init_distributed,
+    resolve_ds_config,
+)
 from ipt_ds.metrics import compute_metrics
 from ipt_ds.model import build_model
 
@@ -94,7 +101,7 @@ def train(cfg: Config) -> dict:
     task, train_examples, eval_examples, test_examples = load_task_splits(cfg.data, cfg.run.seed)
     ds_config = resolve_ds_config(cfg, world_size=world)
     model, encoder = build_model(cfg, task, dtype=ds_dtype(ds_config), ds_config=ds_config)
-    ds_config = resolve_ds_config(cfg, world_size=world, hidden_size=model.backbone.hidden_size)
+    fit_zero3_buckets(ds_config, model.backbone.hidden_size)
     accumulation = ds_config["gradient_accumulation_steps"]
     features = [encoder(e) for e in train_examples]
     lengths = [len(f["input_ids"]) for f in features]

@@ -9,7 +9,7 @@ import pytest
 
 from ipt_ds.config import load_config
 from ipt_ds.confload import ConfigError
-from ipt_ds.engine import resolve_ds_config
+from ipt_ds.engine import fit_zero3_buckets, resolve_ds_config
 from tests.conftest import REPO, run_cli, write_config
 
 
@@ -71,7 +71,8 @@ def test_ds_config_that_sets_yaml_keys_is_an_error(tmp_path):
 def test_ds_config_is_filled_from_the_yaml():
     cfg = load_config(None, {"train.batch_size": 64, "train.micro_batch_size": 8, "deepspeed.config":
                              "ds_configs/zero3.json", "optim.grad_clip": 0.5})
-    ds = resolve_ds_config(cfg, world_size=2, hidden_size=384)
+    ds = resolve_ds_config(cfg, world_size=2)
+    fit_zero3_buckets(ds, 384)
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"]["reduce_bucket_size"] == 384 * 384
@@ -105,6 +106,6 @@ def test_config_reference_is_current():
 @pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_ds_config_resolves(path: Path):
     cfg = load_config(None, {"deepspeed.config": str(path)})
-    ds = resolve_ds_config(cfg, world_size=2, hidden_size=64)
+    ds = resolve_ds_config(cfg, world_size=2)
     assert ds["train_batch_size"] == cfg.train.batch_size
     assert "auto" not in json.dumps(ds)
