@@ -3,6 +3,7 @@
   ipt-ds train CONFIG.yaml [--optim.lr=1e-3 ...]     train (under `deepspeed` for several ranks)
   ipt-ds evaluate RUN/best [--data.eval_split=val]   score an export on a split
   ipt-ds predict RUN/best --input=F --output=F.jsonl predictions for a labelled or unlabelled file
+  ipt-ds estimate CONFIG.yaml [--key=value ...]      trainable / total parameter counts before a run
   ipt-ds show-config CONFIG.yaml [--key=value ...]   print the resolved configuration
   ipt-ds methods | tasks                             list what is registered
 """
@@ -73,6 +74,29 @@ def predict(export: str, input: str, output: str, **overrides):  # noqa: A002 - 
 
 
 @_user_errors
+def estimate(config: str | None = None, **overrides):
+    """Print trainable and total parameter counts for CONFIG before any run (loads the backbone once, no DeepSpeed)."""
+    import torch
+
+    from ipt_ds.config import load_config
+    from ipt_ds.data.tasks import get_task
+    from ipt_ds.model import build_model
+
+    cfg = load_config(config, overrides)
+    torch.manual_seed(cfg.run.seed)
+    model, _ = build_model(cfg, get_task(cfg.data.task), dtype=torch.float32, ds_config=None)
+    counts = model.parameter_report()
+    print(f"method {cfg.method.name} on {cfg.model.name_or_path}")
+    for part in ("method", "head"):
+        module = getattr(model, part)
+        print(f"  {part:<9} {sum(p.numel() for p in module.parameters() if p.requires_grad):>14,} trainable")
+    print(f"  backbone  {sum(p.numel() for p in model.backbone.parameters() if p.requires_grad):>14,} trainable "
+          f"of {counts['backbone']:,}")
+    print(f"  total     {counts['trainable']:>14,} trainable of {counts['total']:,} "
+          f"({100 * counts['trainable'] / counts['backbone']:.3f} % of the backbone)")
+
+
+@_user_errors
 def show_config(config: str | None = None, **overrides):
     """Print the resolved configuration (defaults < YAML < flags)."""
     from ipt_ds.config import load_config
@@ -106,8 +130,8 @@ def main() -> None:
     # The deepspeed launcher puts --local_rank=N before the command; LOCAL_RANK in the environment carries it too.
     sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
     try:
-        fire.Fire({"train": train, "evaluate": evaluate, "predict": predict, "show-config": show_config,
-                   "methods": methods, "tasks": tasks})
+        fire.Fire({"train": train, "evaluate": evaluate, "predict": predict, "estimate": estimate,
+                   "show-config": show_config, "methods": methods, "tasks": tasks})
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -107,3 +107,11 @@ def test_resume_from_latest_continues_the_exact_loss_sequence(tmp_path, tiny_ber
         return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
     assert losses("b") == losses("a")  # bitwise: same data order, dropout draws, optimizer state
+
+
+def test_estimate_prints_the_counts_before_a_run(tmp_path, tiny_bert):
+    result = run_cli("estimate", str(tiny_config(tmp_path, tiny_bert)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    hidden, num_prompt, num_labels = 32, 4, 2
+    trainable = num_prompt * hidden + hidden * num_labels + num_labels
+    assert f"total     {trainable:>14,} trainable of" in result.stdout
