@@ -261,3 +261,18 @@ def test_ipt_variants(family, variant, tiny_models, data):
     vectors = model.method.instance_vectors(model.backbone, batch["input_ids"]) if cfg.method.instance else None
     if vectors is not None:
         assert not torch.allclose(vectors[0], vectors[1])
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_bitfit_with_null_prompt_trains_the_mlm_vocabulary_bias(family, tiny_models, data):
+    cfg = load_config(None, {"model.name_or_path": str(tiny_models[family]), "method.name": "bitfit",
+                             "head.type": "verbalizer", "head.template": "{a} {mask} {b}", "data.max_length": 32})
+    model, encoder = build_model(cfg, get_task("rte"), dtype=torch.float32, ds_config=None)
+    vocab_bias = model.backbone.model.get_output_embeddings().bias
+    assert vocab_bias.requires_grad and vocab_bias.numel() == model.backbone.vocab_size
+    assert not model.backbone.model.get_output_embeddings().weight.requires_grad
+    assert not any(p.requires_grad for p in model.head.parameters())  # nothing new: the MLM head scores the words
+    batch = collate([encoder(e) for e in read_split(data["train"], get_task("rte"))], encoder.tokenizer.pad_token_id)
+    _, loss = model(batch)
+    loss.backward()
+    assert vocab_bias.grad is not None and vocab_bias.grad.abs().sum() > 0
