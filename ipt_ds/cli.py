@@ -32,12 +32,23 @@ def _setup(overrides: dict) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _shutdown_distributed() -> None:
+    """Leave the process group together; a rank that exits with gloo still up can abort at interpreter exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _user_errors(command):
     """Run a command; a user error prints one clear message and exits 2 (the traceback only with --run.debug)."""
     def wrapped(*args, **overrides):
         _setup(overrides)
         try:
-            return command(*args, **overrides)
+            result = command(*args, **overrides)
+            _shutdown_distributed()
+            return result
         except ValueError as err:  # ConfigError included
             if overrides.get("run.debug"):
                 raise

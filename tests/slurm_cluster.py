@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
+TOOLS = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 
 
 class SlurmUnavailable(RuntimeError):
@@ -117,10 +117,12 @@ class SlurmCluster:
         return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted((self.root / "log").glob("*")))
 
     def stop(self) -> None:
-        self.run("scancel", "--user", getpass.getuser(), check=False)
-        deadline = time.monotonic() + 20
-        while self.run("squeue", "-h", check=False).stdout.strip() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        if len(self.processes) == 3 and all(process.poll() is None for process in self.processes):
+            # end the jobs first: their slurmstepd and ranks are not children of slurmd and would outlive it
+            self.run("scancel", "--user", getpass.getuser(), check=False)
+            deadline = time.monotonic() + 20
+            while self.run("squeue", "-h", check=False).stdout.strip() and time.monotonic() < deadline:
+                time.sleep(0.2)
         for process in reversed(self.processes):  # slurmd, slurmctld, then munged
             process.terminate()
             try:
@@ -132,7 +134,7 @@ class SlurmCluster:
 
 def start(root: Path, timeout: float = 30) -> SlurmCluster:
     """Start munged, slurmctld and slurmd under `root`; raises SlurmUnavailable with the reason when that fails."""
-    missing = [tool for tool in DAEMONS if shutil.which(tool) is None]
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         raise SlurmUnavailable(f"Slurm/munge not installed (missing {', '.join(missing)}); "
                                "run .ci/install-slurm.sh")
@@ -145,9 +147,13 @@ def start(root: Path, timeout: float = 30) -> SlurmCluster:
     conf.write_text(_slurm_conf(root, munge_socket))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     cluster = SlurmCluster(root=root, env=env)
-    subprocess.run(["mungekey", "--create", f"--keyfile={root}/munge/munge.key"], check=True, capture_output=True)
+    key = os.open(root / "munge" / "munge.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # munged wants 0600
+    os.write(key, os.urandom(1024))
+    os.close(key)
     log = root / "log"
-    commands = [  # -F/-D: stay in the foreground, so each Popen is the daemon itself; -f: run from a private dir
+    # -F/-D: stay in the foreground, so each Popen is the daemon itself. -f: munged accepts a socket directory that
+    # is not world-searchable (pytest's temporary directories are private).
+    commands = [
         ["munged", "-F", "-f", f"--socket={munge_socket}", f"--key-file={root}/munge/munge.key",
          f"--pid-file={root}/munge/munged.pid", f"--seed-file={root}/munge/munged.seed",
          f"--log-file={log}/munged.log"],
@@ -160,7 +166,7 @@ def start(root: Path, timeout: float = 30) -> SlurmCluster:
         lambda: cluster.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle",
     ]
     try:
-        for command, is_ready in zip(commands, ready):
+        for command, is_ready in zip(commands, ready, strict=True):
             name = command[0]
             with open(log / f"{name}.stdout", "w") as stdout:
                 cluster.processes.append(subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, env=env))

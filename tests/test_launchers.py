@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from tests import slurm_cluster
 from tests.conftest import REPO, read_log, write_config, write_entailment_task
 
 LAUNCHERS = REPO / "launchers"
-SCRIPTS = sorted([*LAUNCHERS.rglob("*.sh"), *LAUNCHERS.rglob("*.sbatch")])
+SCRIPTS = sorted([*LAUNCHERS.rglob("*.sh"), *LAUNCHERS.rglob("*.sbatch"), REPO / ".ci" / "install-slurm.sh"])
 NUM_STEPS = 6
 # Every process the launchers start finds `deepspeed` and `python` of this environment first on PATH.
 JOB_ENV = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DS_ACCELERATOR": "cpu",
@@ -44,7 +45,7 @@ def shellcheck() -> str:
     return found
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(LAUNCHERS)))
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
 def test_launcher_passes_bash_n_and_shellcheck(script):
     text = script.read_text()
     assert text.startswith("#!/usr/bin/env bash\n"), "sbatch and srun need the interpreter on the first line"
@@ -77,17 +78,18 @@ def run_config(tmp_path_factory, tiny_bert) -> Path:
 
 def deepspeed_sh(run_dir: Path, config: Path, **knobs: str) -> subprocess.Popen:
     """Start launchers/deepspeed.sh with environment knobs; its output goes to RUN_DIR.launcher.log."""
-    log = open(run_dir.with_suffix(".launcher.log"), "a")  # noqa: SIM115 - closed when the process is reaped
-    return subprocess.Popen([str(LAUNCHERS / "deepspeed.sh"), "train", str(config), f"--run.output_dir={run_dir}"],
-                            cwd=REPO, env={**os.environ, **JOB_ENV, **knobs}, stdout=log, stderr=subprocess.STDOUT)
+    with open(run_dir.with_suffix(".launcher.log"), "a") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([str(LAUNCHERS / "deepspeed.sh"), "train", str(config), f"--run.output_dir={run_dir}"],
+                                cwd=REPO, env={**os.environ, **JOB_ENV, **knobs}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group: the launcher and its ranks
 
 
 def finish(process: subprocess.Popen, run_dir: Path, timeout: float = 600) -> None:
     try:
         returncode = process.wait(timeout=timeout)
-    finally:
-        process.kill()
-        process.stdout and process.stdout.close()
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
     assert returncode == 0, run_dir.with_suffix(".launcher.log").read_text()[-3000:]
 
 
@@ -210,7 +212,8 @@ def test_chained_array_resumes_from_latest(slurm, submit_dir, run_config):
     states = slurm.jobs(job)
     assert states[jobs[1]][0] == "CANCELLED", "the first job finished before it could be cancelled: " + logs[1]
     assert states[jobs[2]] == ("COMPLETED", "0:0"), logs[2][-3000:]
-    assert "resumed at step" in logs[2] and "--run.resume=true" in logs[2]
+    assert "--run.resume=true" not in logs[1] and "resumed at step" not in logs[1]
+    assert "--run.resume=true" in logs[2] and "resumed at step" in logs[2]
     assert max(logged_steps(run_dir)) == num_steps
     assert (run_dir / "results.json").exists()
 
