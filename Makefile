@@ -24,6 +24,8 @@ demo: setup
 		--run.output_dir=runs/demo --run.overwrite=true
 
 test: setup
+	# Debian's Slurm for the launcher tests (needs apt as root or sudo; without it those tests skip and say why).
+	.ci/install-slurm.sh || echo "Slurm not installed: the Slurm launcher tests will skip"
 	$(PY) -m pytest -q
 
 lint: setup
