@@ -3,7 +3,7 @@
     python -m benchmarks.accuracy --configs configs/cb/*_minilm.yaml --seeds 1 2 3 [--num-ranks 1]
         [--override=--train.epochs=3]
 
-Every cell (config, seed) trains with `ipt-ds train` into benchmarks/results/accuracy/runs/<config>-seed<seed>; a cell
+Every cell (config, seed) trains with `ipt-ds train` into benchmarks/results/<name>/runs/<config>-seed<seed>; a cell
 whose results.json exists is skipped, so an interrupted study continues where it stopped. Protocol: the config's eval
 split is used for model selection (best evaluation) and is the split reported, as in the IPT and P-tuning v2 reference
 runs; `eval_majority_acc` is the number to beat. Writes results.json, results.md and results.png in the study folder.
@@ -20,11 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-OUT = Path("benchmarks/results/accuracy")
 
-
-def run_cell(config: Path, seed: int, num_ranks: int, overrides: list[str]) -> dict:
-    run = OUT / "runs" / f"{config.parent.name}-{config.stem}-seed{seed}"
+def run_cell(out: Path, config: Path, seed: int, num_ranks: int, overrides: list[str]) -> dict:
+    run = out / "runs" / f"{config.parent.name}-{config.stem}-seed{seed}"
     if not (run / "results.json").exists():
         args = ["train", str(config), f"--run.seed={seed}", f"--run.output_dir={run}", "--run.overwrite=true",
                 *overrides]
@@ -53,15 +51,15 @@ def summarize(cells: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
-def write_report(rows: list[dict], command: str) -> None:
-    (OUT / "results.json").write_text(json.dumps(rows, indent=2))
+def write_report(out: Path, rows: list[dict], command: str) -> None:
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
     lines = [f"Command: `{command}`", f"Date: {time.strftime('%Y-%m-%d')}", "",
              "| config | task | method | trainable params | metric | mean ± sd | seeds | majority |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['task']} | {r['method']} | {r['trainable']:,} | {r['metric']} | "
                      f"{r['mean']:.1f} ± {r['sd']:.1f} | {r['seeds']} | {r['majority']:.1f} |")
-    (OUT / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,7 +71,7 @@ def write_report(rows: list[dict], command: str) -> None:
         ax.plot([r["majority"]] * 2, [i - 0.4, i + 0.4], color="black", linestyle="--")
     ax.set_xlabel("eval metric (mean ± sd over seeds); dashed: majority class")
     fig.tight_layout()
-    fig.savefig(OUT / "results.png", dpi=120)
+    fig.savefig(out / "results.png", dpi=120)
 
 
 def main() -> None:
@@ -82,12 +80,14 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--num-ranks", type=int, default=1)
     parser.add_argument("--override", nargs="*", default=[], help="--section.key=value flags for every cell")
+    parser.add_argument("--name", default="accuracy", help="study folder under benchmarks/results/")
     args = parser.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
-    cells = {f"{c.parent.name}/{c.stem}": [run_cell(c, seed, args.num_ranks, args.override) for seed in args.seeds]
+    out = Path("benchmarks/results") / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    cells = {f"{c.parent.name}/{c.stem}": [run_cell(out, c, seed, args.num_ranks, args.override) for seed in args.seeds]
              for c in args.configs}
-    write_report(summarize(cells), "python -m benchmarks.accuracy " + " ".join(sys.argv[1:]))
-    print((OUT / "results.md").read_text())
+    write_report(out, summarize(cells), "python -m benchmarks.accuracy " + " ".join(sys.argv[1:]))
+    print((out / "results.md").read_text())
 
 
 if __name__ == "__main__":
