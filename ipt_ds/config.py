@@ -140,6 +140,12 @@ DEFAULT_METHOD = "prompt_tuning"
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
     """Build the config; raise one ConfigError listing every problem (with file:line or --flag)."""
     data, lines = load_yaml_with_lines(Path(path)) if path else ({}, {})
+    return config_from_dict(data, overrides, source=str(path or "defaults"), lines=lines)
+
+
+def config_from_dict(data: dict, overrides: dict | None = None, *, source: str, lines: dict | None = None) -> Config:
+    """Build a Config from nested mappings (a parsed YAML, or the config saved with a run or export) and
+    `--section.key=value` overrides; problems name the flag, else `source` and the line where known."""
     problems: list[str] = []
     cli_keys = set()
     for dotted, value in (overrides or {}).items():
@@ -149,7 +155,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             continue
         target = data.setdefault(section, {})
         if not isinstance(target, dict):
-            problems.append(f"--{dotted}: section '{section}' is not a mapping in {path}")
+            problems.append(f"--{dotted}: section '{section}' is not a mapping in {source}")
             continue
         target[key] = value
         cli_keys.add(dotted)
@@ -157,14 +163,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     def where(dotted: str) -> str:
         if dotted in cli_keys:
             return f"--{dotted}"
-        return f"{path}:{lines[dotted]}" if dotted in lines else str(path or "defaults")
+        return f"{source}:{lines[dotted]}" if lines and dotted in lines else source
 
-    return config_from_dict(data, where=where, problems=problems)
-
-
-def config_from_dict(data: dict, *, where=lambda dotted: "config", problems: list[str] | None = None) -> Config:
-    """Build a Config from nested mappings (a parsed YAML, or the config.json saved with a run or export)."""
-    problems = problems if problems is not None else []
     for section, values in data.items():
         if section not in SECTIONS and section != "method":
             problems.append(f"{where(section)}: unknown section '{section}'; valid: {', '.join([*SECTIONS, 'method'])}")

@@ -25,11 +25,7 @@ def load_for_inference(export_dir: str, overrides: dict):
     import deepspeed
 
     meta, tensors = checkpoint.read_export(Path(export_dir))
-    values = meta["config"]
-    for dotted, value in overrides.items():
-        section, _, key = dotted.partition(".")
-        values.setdefault(section, {})[key] = value
-    cfg = config_from_dict(values, where=lambda dotted: f"--{dotted}" if dotted in overrides else export_dir)
+    cfg = config_from_dict(meta["config"], overrides, source=export_dir)
     rank, world = init_distributed()
     ds_config = {k: v for k, v in meta["ds_config"].items() if k not in ("gradient_accumulation_steps",)}
     ds_config["train_batch_size"] = ds_config["train_micro_batch_size_per_gpu"] * world
