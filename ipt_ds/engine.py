@@ -7,7 +7,6 @@ data, model, `deepspeed.initialize` with only the trainable parameters, then one
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import socket
@@ -17,8 +16,6 @@ from pathlib import Path
 import torch
 
 from ipt_ds.config import REPO_ROOT, Config
-
-log = logging.getLogger("ipt_ds")
 
 # Keys the experiment YAML owns; a DeepSpeed JSON that sets them is an error (one source of truth per setting).
 YAML_OWNED = {

@@ -6,8 +6,6 @@ top-level forward per step, in the same order on every rank.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
@@ -17,8 +15,6 @@ from ipt_ds.data.encode import TextEncoder, label_token_ids
 from ipt_ds.data.tasks import Task
 from ipt_ds.heads import build_head
 from ipt_ds.methods import get_method
-
-log = logging.getLogger(__name__)
 
 
 class PromptModel(nn.Module):
@@ -35,10 +31,6 @@ class PromptModel(nn.Module):
             return self.head(out, batch)
         pair = {key.removeprefix("pair_"): value for key, value in batch.items() if key.startswith("pair_")}
         return self.head(out, batch, self.method(self.backbone, pair))
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Names of the trained tensors mapped to the tensors (partitioned placeholders under ZeRO-3)."""
-        return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
     def parameter_report(self) -> dict[str, int]:
         trainable = sum(num_elements(p) for p in self.parameters() if p.requires_grad)
