@@ -10,7 +10,7 @@ import json
 import math
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -121,4 +121,3 @@ class TrainState:
     micro_in_epoch: int = 0
     best_metric: float = -math.inf
     best_step: int = -1
-    history: list = field(default_factory=list)
