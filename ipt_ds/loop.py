@@ -1,4 +1,8 @@
-"""The training loop and evaluation: `train` -> `train_step`, `evaluate` -> `predict_examples`."""
+"""The training loop and evaluation: `train` -> `train_step`, `evaluate` -> `predict_examples`.
+
+`train` runs one loop for any `Recipe` (what is trained on, how it is scored and exported): `TaskRecipe` fine-tunes
+on one task; `pretrain/` brings its own recipes and reuses the loop, its checkpoints and its logs unchanged.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import yaml
@@ -27,7 +32,7 @@ from ipt_ds.engine import (
     resolve_ds_config,
 )
 from ipt_ds.metrics import compute_metrics
-from ipt_ds.model import build_model
+from ipt_ds.model import PromptModel, build_model
 
 log = logging.getLogger("ipt_ds")
 
@@ -92,18 +97,67 @@ def train_step(engine, batches: list[dict]) -> float:
     return total / len(batches)
 
 
-def train(cfg: Config) -> dict:
+class Recipe(Protocol):
+    """What `train` runs besides the loop: the model and its training data, how it is scored and what it exports."""
+
+    def build(self, ds_config: dict) -> tuple[PromptModel, list[dict], int, dict]:
+        """(model, encoded training examples, pad id, what the export's metadata records besides the config)."""
+        ...
+
+    def evaluate(self, engine) -> dict[str, float]:
+        """Metrics on the evaluation data (every rank calls it); the first one selects the best checkpoint."""
+        ...
+
+    def export(self, engine, path: Path, meta: dict, rank: int) -> None:
+        """Write the shareable artifact of the current weights to `path` (every rank calls it)."""
+        ...
+
+    def finish(self, engine, state: TrainState, out: Path, rank: int) -> dict:
+        """After the last step: the results, which rank 0 also writes to `out`/results.json."""
+        ...
+
+
+class TaskRecipe:
+    """Fine-tuning on the task of `cfg.data` (`ipt-ds train`); the export is the trained tensors (`best/`)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def build(self, ds_config: dict) -> tuple[PromptModel, list[dict], int, dict]:
+        cfg = self.cfg
+        self.task, train_examples, self.eval_examples, self.test_examples = load_task_splits(cfg.data, cfg.run.seed)
+        model, self.encoder = build_model(cfg, self.task, dtype=ds_dtype(ds_config), ds_config=ds_config)
+        features = [self.encoder(e) for e in train_examples]
+        if self.encoder.num_truncated:
+            log.info("%d of %d training inputs truncated to data.max_length=%d (longest first)",
+                     self.encoder.num_truncated, len(features), cfg.data.max_length)
+        about = {"task": self.task.name, "label_names": list(self.task.label_names)}
+        return model, features, self.encoder.tokenizer.pad_token_id, about
+
+    def evaluate(self, engine) -> dict[str, float]:
+        return evaluate(engine, self.encoder, self.task, self.eval_examples, self.cfg.train.eval_batch_size)
+
+    def export(self, engine, path: Path, meta: dict, rank: int) -> None:
+        checkpoint.export_trainable(engine.module, path, meta, rank=rank)
+
+    def finish(self, engine, state: TrainState, out: Path, rank: int) -> dict:
+        return _finish(engine, self.encoder, self.task, self.eval_examples, self.test_examples, self.cfg, state, out,
+                       rank)
+
+
+def train(cfg: Config, recipe: Recipe | None = None) -> dict:
+    """Train `cfg` (any config with run, train, optim and deepspeed sections) with `recipe`, by default fine-tuning
+    on `cfg.data`."""
     import deepspeed
 
+    recipe = recipe or TaskRecipe(cfg)
     rank, world = init_distributed()
     out = prepare_run_dir(cfg, rank)
     torch.manual_seed(cfg.run.seed)
-    task, train_examples, eval_examples, test_examples = load_task_splits(cfg.data, cfg.run.seed)
     ds_config = resolve_ds_config(cfg, world_size=world)
-    model, encoder = build_model(cfg, task, dtype=ds_dtype(ds_config), ds_config=ds_config)
+    model, features, pad_id, about = recipe.build(ds_config)
     fit_zero3_buckets(ds_config, model.backbone.hidden_size)
     accumulation = ds_config["gradient_accumulation_steps"]
-    features = [encoder(e) for e in train_examples]
     lengths = [len(f["input_ids"]) for f in features]
     steps_per_epoch = len(rank_train_batches(lengths, micro_batch_size=cfg.train.micro_batch_size, rank=0,
                                              world_size=world, accumulation=accumulation, seed=0)) // accumulation
@@ -117,11 +171,7 @@ def train(cfg: Config) -> dict:
              100 * counts["trainable"] / counts["total"])
     log.info("backbone bytes on rank %d: %.1f MiB of %.1f MiB (world size %d)", rank,
              model.backbone_bytes_on_rank() / 2**20, model.backbone_bytes_total() / 2**20, world)
-    if encoder.num_truncated:
-        log.info("%d of %d training inputs truncated to data.max_length=%d (longest first)",
-                 encoder.num_truncated, len(features), cfg.data.max_length)
-    meta = {"config": cfg.to_dict(), "ds_config": ds_config, "task": task.name, "label_names": list(task.label_names),
-            "parameters": counts}
+    meta = {"config": cfg.to_dict(), "ds_config": ds_config, **about, "parameters": counts}
     if rank == 0:
         checkpoint.atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         checkpoint.atomic_write_text(out / "ds_config.json", json.dumps(ds_config, indent=2))
@@ -134,7 +184,6 @@ def train(cfg: Config) -> dict:
         checkpoint.load_rng(out / "checkpoints" / client["tag"], rank)
         log.info("resumed at step %d (epoch %d)", state.step, state.epoch)
     writer = _tensorboard(out) if rank == 0 else None
-    pad_id = encoder.tokenizer.pad_token_id
     progress = _progress(rank, total_steps, state.step)
     window_start, window_samples, window_loss = time.perf_counter(), 0, torch.zeros(2)  # (sum, count)
     while state.step < total_steps:
@@ -160,24 +209,23 @@ def train(cfg: Config) -> dict:
             if progress:
                 progress.update(1)
             if state.step % eval_every == 0 or state.step == total_steps:
-                _evaluate_and_save(engine, encoder, task, eval_examples, cfg, state, out, meta, writer, rank)
+                _evaluate_and_save(engine, recipe, state, out, meta, writer, rank)
                 engine.train()
         if state.micro_in_epoch >= len(batches):
             state.epoch, state.micro_in_epoch = state.epoch + 1, 0
     if progress:
         progress.close()
-    return _finish(engine, encoder, task, eval_examples, test_examples, cfg, state, out, rank)
+    return recipe.finish(engine, state, out, rank)
 
 
-def _evaluate_and_save(engine, encoder, task, examples, cfg, state, out, meta, writer, rank) -> None:
-    metrics = evaluate(engine, encoder, task, examples, cfg.train.eval_batch_size)
-    selection = metrics[task.metrics[0]]
+def _evaluate_and_save(engine, recipe: Recipe, state, out, meta, writer, rank) -> None:
+    metrics = recipe.evaluate(engine)
+    selection = next(iter(metrics.values()))
     _log_scalars(writer, state, {f"eval/{k}": v for k, v in metrics.items()}, out)
     log.info("step %d eval %s", state.step, " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
     if selection > state.best_metric:
         state.best_metric, state.best_step = selection, state.step
-        checkpoint.export_trainable(engine.module, out / "best", {**meta, "step": state.step, "eval": metrics},
-                                    rank=rank)
+        recipe.export(engine, out / "best", {**meta, "step": state.step, "eval": metrics}, rank)
     tag = f"step{state.step}"
     engine.save_checkpoint(str(out / "checkpoints"), tag=tag, exclude_frozen_parameters=True,
                            client_state={"train_state": dataclasses.asdict(state), "tag": tag})
