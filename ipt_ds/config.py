@@ -7,6 +7,7 @@ everything about the experiment lives here. Keys the YAML owns must not appear i
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -146,6 +147,22 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 def config_from_dict(data: dict, overrides: dict | None = None, *, source: str, lines: dict | None = None) -> Config:
     """Build a Config from nested mappings (a parsed YAML, or the config saved with a run or export) and
     `--section.key=value` overrides; problems name the flag, else `source` and the line where known."""
+    return Config(**parse_sections(data, overrides, source=source, lines=lines, sections=SECTIONS))
+
+
+def parse_sections(
+    data: dict,
+    overrides: dict | None,
+    *,
+    source: str,
+    lines: dict | None,
+    sections: dict[str, type],
+    default_method: str = DEFAULT_METHOD,
+    check: Callable[[dict], list[tuple[str, str]]] | None = None,
+) -> dict:
+    """The typed sections of a config (`sections` plus `method`, read with the named method's config class), for
+    this config and for others built the same way (`pretrain/`). `check(sections)` returns (dotted key, problem)
+    pairs across sections; it runs when every section is valid. Raises one ConfigError listing every problem."""
     problems: list[str] = []
     cli_keys = set()
     for dotted, value in (overrides or {}).items():
@@ -166,20 +183,22 @@ def config_from_dict(data: dict, overrides: dict | None = None, *, source: str, 
         return f"{source}:{lines[dotted]}" if lines and dotted in lines else source
 
     for section, values in data.items():
-        if section not in SECTIONS and section != "method":
-            problems.append(f"{where(section)}: unknown section '{section}'; valid: {', '.join([*SECTIONS, 'method'])}")
+        if section not in sections and section != "method":
+            problems.append(f"{where(section)}: unknown section '{section}'; valid: {', '.join([*sections, 'method'])}")
         elif not isinstance(values, dict):
             problems.append(f"{where(section)}: section '{section}' must be a mapping of keys")
-    sections = {name: build(cls, data.get(name) if isinstance(data.get(name), dict) else {}, section=name,
-                            problems=problems, where=where)
-                for name, cls in SECTIONS.items()}
+    built = {name: build(cls, data.get(name) if isinstance(data.get(name), dict) else {}, section=name,
+                         problems=problems, where=where)
+             for name, cls in sections.items()}
     method_values = dict(data.get("method") or {}) if isinstance(data.get("method"), dict) else {}
-    method_values.setdefault("name", DEFAULT_METHOD)
+    method_values.setdefault("name", default_method)
     try:
         spec = get_method(str(method_values["name"]))
-        sections["method"] = build(spec.config_cls, method_values, section="method", problems=problems, where=where)
+        built["method"] = build(spec.config_cls, method_values, section="method", problems=problems, where=where)
     except ValueError as err:
         problems.append(f"{where('method.name')}: {err}")
+    if check is not None and not problems:
+        problems.extend(f"{where(key)}: {problem}" for key, problem in check(built))
     if problems:
         raise ConfigError(problems)
-    return Config(**sections)
+    return built
