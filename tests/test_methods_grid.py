@@ -68,6 +68,8 @@ def expected_trainable(name: str, model, cfg) -> int:
         "ptuning_v1": lambda: (NUM_PROMPT * hidden + lstm_params(hidden, hidden)
                                + (2 * hidden) ** 2 + 2 * hidden + 2 * hidden * hidden + hidden + head),
         "ipt": lambda: ipt_trainable(method, bb) + head,
+        "lpt": lambda: hidden * method.bottleneck + method.bottleneck + (method.bottleneck + 1) * NUM_PROMPT * hidden
+        + head,  # the default NPG generator
         "bitfit": lambda: sum(m.bias.numel() for m in bb.modules()
                               if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)) and m.bias is not None) + head,
     }

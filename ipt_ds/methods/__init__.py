@@ -41,6 +41,6 @@ def get_method(name: str) -> MethodSpec:
 
 
 # Importing a method module registers it; this list is the one line a new method adds outside its own file.
-from ipt_ds.methods import bitfit, deep_prompt, finetune, ipt, prompt_tuning, ptuning_v1  # noqa: E402, F401
+from ipt_ds.methods import bitfit, deep_prompt, finetune, ipt, lpt, prompt_tuning, ptuning_v1  # noqa: E402, F401
 
 __all__ = ["METHODS", "MethodConfig", "MethodOutput", "MethodSpec", "get_method", "register"]

@@ -1,0 +1,129 @@
+"""Late Prompt Tuning (Liu, Sun, Huang, Qiu, Findings of EMNLP 2022, "Late Prompt Tuning: A Late Prompt Could Be
+Better Than Many Prompts").
+
+One prompt of n vectors is inserted in front of the hidden states entering one intermediate layer k, and a small
+generator builds it from the states there, so each input gets its own prompt. Layers below k take no part in
+training: they run once without autograd (no activations kept, no gradients), which is where LPT's speed and memory
+come from. Generators (bottleneck r):
+- `npg`: the summary state (CLS on encoders, the last token of the template stem on decoders) -> Linear(H, r) ->
+  ReLU -> Linear(r, n * H);
+- `appg` / `mppg`: Linear(H, r) on every real token -> average / max pooling into n segments (as adaptive pooling
+  splits a sequence) -> ReLU -> Linear(r, H);
+- `static`: no generator, n trained vectors (the paper's late static prompt ablation);
+- `cnn`, `mlp`, `lstm`: the IPT instance generators (width r) over the first n states, so one generator module
+  serves both insertion points (IPT at the input, here at layer k).
+Dropout follows the prompt, as in the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ipt_ds.backbone import Backbone
+from ipt_ds.methods import register
+from ipt_ds.methods.base import MethodConfig, MethodOutput
+from ipt_ds.methods.generators import build_generator
+
+
+@dataclass(kw_only=True)
+class LPTConfig(MethodConfig):
+    name: str = "lpt"
+    layer: int = -1
+    """k: the prompt enters layer k (0-based), i.e. k frozen layers run below it without autograd; -1: the middle
+    layer (num_layers // 2), the reference's choice for RoBERTa-large (12 of 24) and GPT2-large (18 of 36)."""
+    num_tokens: int = 5
+    """n: prompt length."""
+    generator: Literal["npg", "appg", "mppg", "static", "cnn", "mlp", "lstm"] = "npg"
+    """Prompt generator; `static` trains n vectors without one."""
+    bottleneck: int = 128
+    """r: the generator's bottleneck (width of the cnn/mlp/lstm generators)."""
+    dropout: float = 0.1
+    """Dropout on the generated prompt (training only)."""
+
+    def validate(self) -> list[str]:
+        problems = [] if self.num_tokens >= 1 else [f"method.num_tokens must be >= 1, got {self.num_tokens}"]
+        if self.bottleneck < 1:
+            problems.append(f"method.bottleneck must be >= 1, got {self.bottleneck}")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"method.dropout must be in [0, 1), got {self.dropout}")
+        return problems
+
+
+def segment_pool(x: torch.Tensor, mask: torch.Tensor, num_segments: int, how: str) -> torch.Tensor:
+    """Pool each example's real tokens into `num_segments` (B, T, D) -> (B, n, D), whatever the padding side.
+
+    Segment i of a length-l sequence covers [floor(i l / n), ceil((i + 1) l / n)), like torch's adaptive pooling;
+    it is never empty, also when l < n.
+    """
+    rank = mask.cumsum(dim=1) - 1  # (B, T): index among the real tokens
+    length = mask.sum(dim=1, keepdim=True)  # (B, 1)
+    i = torch.arange(num_segments, device=x.device)
+    start = i * length // num_segments  # (B, n)
+    end = ((i + 1) * length + num_segments - 1) // num_segments
+    member = (rank[:, None] >= start[..., None]) & (rank[:, None] < end[..., None]) & mask[:, None].bool()  # (B, n, T)
+    if how == "avg":
+        weights = member.to(x.dtype)
+        return weights @ x / weights.sum(dim=-1, keepdim=True)
+    return x[:, None].masked_fill(~member[..., None], float("-inf")).amax(dim=2)
+
+
+class LPT(nn.Module):
+    def __init__(self, cfg: LPTConfig, backbone: Backbone, layer: int):
+        super().__init__()
+        self.cfg, self.layer, self.family = cfg, layer, backbone.family
+        num_tokens, hidden, width = cfg.num_tokens, backbone.hidden_size, cfg.bottleneck
+        self.num_prefix_positions = num_tokens
+        if cfg.generator == "npg":
+            self.down, self.up = nn.Linear(hidden, width), nn.Linear(width, num_tokens * hidden)
+        elif cfg.generator in ("appg", "mppg"):
+            self.down, self.up = nn.Linear(hidden, width), nn.Linear(width, hidden)
+        elif cfg.generator == "static":
+            self.prompt = nn.Parameter(torch.randn(num_tokens, hidden))  # nn.Embedding's N(0, 1), as the reference
+        else:
+            self.generator = build_generator(cfg.generator, hidden, hidden, width)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def make_prompt(self, states: torch.Tensor, batch: dict) -> torch.Tensor:
+        """(B, T, H) states entering layer k -> (B, n, H) prompt."""
+        states = states.float()
+        batch_size, num_tokens = states.shape[0], self.cfg.num_tokens
+        mask = batch["attention_mask"]
+        kind = self.cfg.generator
+        if kind == "npg":
+            rows = torch.arange(batch_size, device=states.device)
+            if self.family == "encoder":
+                index = torch.zeros_like(rows)  # CLS
+            else:  # causal: the end of the template stem has seen the whole input
+                index = batch.get("label_position", mask.sum(dim=1) - 1)
+            summary = states[rows, index]  # (B, H)
+            prompt = self.up(torch.relu(self.down(summary))).view(batch_size, num_tokens, -1)
+        elif kind in ("appg", "mppg"):
+            pooled = segment_pool(self.down(states), mask, num_tokens, "avg" if kind == "appg" else "max")  # (B, n, r)
+            prompt = self.up(torch.relu(pooled))
+        elif kind == "static":
+            prompt = self.prompt.expand(batch_size, -1, -1)
+        else:
+            first = nn.functional.pad(states, (0, 0, 0, max(0, num_tokens - states.shape[1])))[:, :num_tokens]
+            prompt = self.generator(first)  # (B, n, H)
+        return self.dropout(prompt)
+
+    def forward(self, backbone: Backbone, batch: dict) -> MethodOutput:
+        mask = batch["attention_mask"]
+        embeds = backbone.embed(batch["input_ids"])
+        hidden = backbone.encode_late(embeds, mask, batch.get("token_type_ids"), layer=self.layer,
+                                      make_prompt=lambda states: self.make_prompt(states, batch))
+        full_mask = torch.cat([mask.new_ones(mask.shape[0], self.cfg.num_tokens), mask], dim=1)
+        return MethodOutput(hidden, full_mask, self.cfg.num_tokens)
+
+
+@register("lpt", LPTConfig)
+def build(cfg: LPTConfig, backbone: Backbone, tokenizer) -> nn.Module:
+    layer = backbone.num_layers // 2 if cfg.layer == -1 else cfg.layer
+    if not 1 <= layer < backbone.num_layers:
+        raise ValueError(f"method.layer {cfg.layer}: the prompt must enter one of layers 1..{backbone.num_layers - 1} "
+                         "of this backbone (-1 picks the middle); for a prompt at the input use prompt_tuning")
+    return LPT(cfg, backbone, layer)
