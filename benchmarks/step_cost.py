@@ -1,0 +1,225 @@
+"""Step cost study: training step time and peak memory of methods side by side, and LPT's insertion-layer sweep.
+
+    python -m benchmarks.step_cost [--backbones minilm roberta-large-shape:4x64] [--methods ptuning_v2 lpt full]
+        [--repeats 3] [--batch-size 8] [--seq-len 128] [--steps 4] [--sweep]
+
+Each measurement is one fresh process (`--cell`), so peak memory is its own: build the model, reset the kernel's
+peak-RSS mark (/proc/self/clear_refs), run warm-up + timed steps of forward, backward and AdamW on one fixed batch
+(random token ids of the full length: speed and memory do not depend on the text), and report the median step time,
+the RSS at the start of training (weights and optimizer) and the peak RSS during the steps. Cells run interleaved
+(A B C A B C ...), and every ratio is taken within one repeat, against the first method, so that a noisy machine
+shifts numerator and denominator alike. One process, no DeepSpeed: the study isolates what the method costs.
+`roberta-large-shape` is a randomly initialised RoBERTa-large-sized encoder (24 layers, H = 1024; the MiniLM
+vocabulary), written once under the study's runs/ folder; random weights are fine for measuring speed and memory.
+A backbone may carry its own batch shape, `name:BxT` (batch B of T tokens); others use --batch-size x --seq-len.
+`--sweep` adds LPT at every insertion layer k of the first backbone, with the same step measurement.
+Writes benchmarks/results/<name>/{results.json, results.md, step_cost.png}; finished cells are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = {
+    "lpt": {"method.name": "lpt", "method.num_tokens": 5},
+    "ptuning_v2": {"method.name": "ptuning_v2", "method.num_virtual_tokens": 5},
+    "prompt_tuning": {"method.name": "prompt_tuning", "method.num_virtual_tokens": 5},
+    "ipt": {"method.name": "ipt", "method.num_tokens": 5, "method.encoder": "cnn", "method.generator_width": 64},
+    "full": {"method.name": "full"},
+}
+
+
+def backbone_path(name: str, out: Path) -> str:
+    if name != "roberta-large-shape":
+        return name
+    path = out / "runs" / "models" / name
+    if not (path / "config.json").exists():
+        import torch
+        from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+
+        from ipt_ds.backbone import ModelConfig, resolve_model_path
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(ModelConfig(name_or_path="minilm"))[0])
+        torch.manual_seed(0)
+        config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=1024, num_hidden_layers=24,
+                               num_attention_heads=16, intermediate_size=4096, max_position_embeddings=514,
+                               pad_token_id=tokenizer.pad_token_id)
+        RobertaModel(config, add_pooling_layer=False).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def rss_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure(cell: dict) -> dict:
+    """One cell in this process: build, reset the peak mark, time the steps."""
+    import torch
+
+    from ipt_ds.config import load_config
+    from ipt_ds.data.tasks import get_task
+    from ipt_ds.model import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config(None, {"model.name_or_path": cell["backbone"], "data.max_length": cell["seq_len"],
+                             "head.pool": "cls", **cell["overrides"]})
+    model, encoder = build_model(cfg, get_task("rte"), dtype=torch.float32, ds_config=None)
+    model.train()
+    batch_size, seq_len = cell["batch_size"], cell["seq_len"]
+    vocab = len(encoder.tokenizer)
+    batch = {"input_ids": torch.randint(1000, vocab, (batch_size, seq_len)),
+             "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+             "token_type_ids": torch.zeros(batch_size, seq_len, dtype=torch.long),
+             "labels": torch.randint(0, 2, (batch_size,))}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS (VmHWM) := current RSS
+    start_rss = rss_mib("VmRSS")
+    times = []
+    for _ in range(cell["warmup"] + cell["steps"]):
+        begin = time.perf_counter()
+        _, loss = model(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - begin)
+    counts = model.parameter_report()
+    return {**cell, "step_s": statistics.median(times[cell["warmup"]:]), "start_rss_mib": start_rss,
+            "peak_rss_mib": rss_mib("VmHWM"), "trainable": counts["trainable"], "backbone": counts["backbone"],
+            "layer": getattr(model.method, "layer", None), "num_layers": model.backbone.num_layers}
+
+
+def run_cell(out: Path, cell: dict) -> dict:
+    path = out / "runs" / f"{cell['id']}.json"
+    if not path.exists():
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+        result = subprocess.run([sys.executable, "-m", "benchmarks.step_cost", "--cell", json.dumps(cell)],
+                                env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"cell {cell['id']} failed:\n{result.stderr[-3000:]}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(result.stdout.strip().splitlines()[-1])
+        print(f"{cell['id']}: {json.loads(path.read_text())['step_s']:.3f} s/step", flush=True)
+    return json.loads(path.read_text())
+
+
+def ratios(results: list[dict], key: str, baseline: str) -> dict[str, tuple[float, float]]:
+    """Per method: median and spread (min..max as ± half-range) of key / baseline's key within each repeat."""
+    by_repeat: dict[int, dict[str, float]] = {}
+    for r in results:
+        by_repeat.setdefault(r["repeat"], {})[r["label"]] = r[key]
+    out = {}
+    for label in {r["label"] for r in results}:
+        values = [rep[label] / rep[baseline] for rep in by_repeat.values() if label in rep and baseline in rep]
+        out[label] = (statistics.median(values), (max(values) - min(values)) / 2)
+    return out
+
+
+def table(results: list[dict], baseline: str) -> list[str]:
+    step = ratios(results, "step_s", baseline)
+    peak = ratios(results, "peak_rss_mib", baseline)
+    grow = ratios([{**r, "growth": r["peak_rss_mib"] - r["start_rss_mib"]} for r in results], "growth", baseline)
+    lines = [f"| method | trainable | step (s, median) | step / {baseline} | peak RSS (MiB) | peak / {baseline} | "
+             f"growth in training (MiB) | growth / {baseline} |", "|---|---|---|---|---|---|---|---|"]
+    labels = list(dict.fromkeys(r["label"] for r in results))
+    for label in labels:
+        rows = [r for r in results if r["label"] == label]
+        growth = statistics.median(r["peak_rss_mib"] - r["start_rss_mib"] for r in rows)
+        lines.append(f"| {label} | {rows[0]['trainable']:,} | {statistics.median(r['step_s'] for r in rows):.3f} | "
+                     f"{step[label][0]:.2f} ± {step[label][1]:.2f} | "
+                     f"{statistics.median(r['peak_rss_mib'] for r in rows):,.0f} | "
+                     f"{peak[label][0]:.2f} ± {peak[label][1]:.2f} | {growth:,.0f} | "
+                     f"{grow[label][0]:.2f} ± {grow[label][1]:.2f} |")
+    return lines
+
+
+def plot(out: Path, sweep: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted({r["layer"] for r in sweep})
+    step = [statistics.median(r["step_s"] for r in sweep if r["layer"] == k) for k in layers]
+    growth = [statistics.median(r["peak_rss_mib"] - r["start_rss_mib"] for r in sweep if r["layer"] == k)
+              for k in layers]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(layers, step, marker="o", color="tab:blue")
+    ax.set_xlabel("insertion layer k (layers below k run without autograd)")
+    ax.set_ylabel("step time (s)", color="tab:blue")
+    twin = ax.twinx()
+    twin.plot(layers, growth, marker="s", color="tab:red")
+    twin.set_ylabel("memory growth in training (MiB)", color="tab:red")
+    ax.set_title(f"LPT on {sweep[0]['backbone_name']}: cost against k")
+    fig.tight_layout()
+    fig.savefig(out / "step_cost_sweep.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cell", help=argparse.SUPPRESS)
+    parser.add_argument("--backbones", nargs="+", default=["minilm", "roberta-large-shape"])
+    parser.add_argument("--methods", nargs="+", default=["ptuning_v2", "lpt", "full"], choices=sorted(METHODS),
+                        help="the first one is the baseline of the ratios")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--sweep", action="store_true", help="LPT at every k of the first backbone")
+    parser.add_argument("--name", default="step_cost", help="study folder under benchmarks/results/")
+    args = parser.parse_args()
+    if args.cell:
+        print(json.dumps(measure(json.loads(args.cell))))
+        return
+    out = Path("benchmarks/results") / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {}
+    shapes = {}
+    for spec in args.backbones:
+        backbone, _, shape = spec.partition(":")
+        batch_size, seq_len = map(int, shape.split("x")) if shape else (args.batch_size, args.seq_len)
+        shapes[backbone] = {"backbone": backbone_path(backbone, out), "backbone_name": backbone,
+                            "batch_size": batch_size, "seq_len": seq_len, "steps": args.steps, "warmup": args.warmup}
+        for repeat in range(args.repeats):
+            for method in args.methods:
+                cell = {"id": f"{backbone}-{method}-b{batch_size}-t{seq_len}-r{repeat}", "label": method,
+                        "repeat": repeat, "overrides": METHODS[method], **shapes[backbone]}
+                results.setdefault(backbone, []).append(run_cell(out, cell))
+    sweep = []
+    if args.sweep:
+        first = shapes[next(iter(shapes))]
+        for repeat in range(args.repeats):
+            for k in range(1, results[first["backbone_name"]][0]["num_layers"]):
+                cell = {"id": f"{first['backbone_name']}-lpt-k{k}-b{first['batch_size']}-t{first['seq_len']}-r{repeat}",
+                        "label": f"lpt k={k}", "repeat": repeat, "overrides": {**METHODS["lpt"], "method.layer": k},
+                        **first}
+                sweep.append(run_cell(out, cell))
+        plot(out, sweep)
+    command = "python -m benchmarks.step_cost " + " ".join(sys.argv[1:])
+    lines = [f"Command: `{command}`", f"Date: {time.strftime('%Y-%m-%d')}",
+             f"fp32, {args.steps} timed steps after {args.warmup} warm-up, {args.repeats} interleaved repeats; "
+             "ratios: median ± half-range over repeats.", ""]
+    for backbone, rows in results.items():
+        lines += [f"### {backbone}, batch {rows[0]['batch_size']} x {rows[0]['seq_len']} tokens", "",
+                  *table(rows, args.methods[0]), ""]
+    if sweep:
+        lines += [f"### LPT insertion layer sweep on {sweep[0]['backbone_name']} (baseline k=1)", "",
+                  *table(sweep, "lpt k=1"), "", "![sweep](step_cost_sweep.png)", ""]
+    (out / "results.json").write_text(json.dumps({"results": results, "sweep": sweep}, indent=2))
+    (out / "results.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
