@@ -4,19 +4,23 @@ Resume state: a DeepSpeed checkpoint written by all ranks (trainable weights, op
 `exclude_frozen_parameters=True` so the backbone is never copied) plus each rank's RNG state.
 Export: the trained tensors gathered to rank 0 as `model.safetensors`, with `config.json` (the resolved config, the
 DeepSpeed config and the label names): small, shareable, enough to evaluate or predict with the same backbone.
-Every file is written under a temporary name and renamed, so a killed run leaves the previous version intact.
+Every file is written under a temporary name and renamed, so a killed run leaves the previous version intact; `latest`
+names a checkpoint only once every rank has written all of its files (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
+from ipt_ds import failures
 from ipt_ds.backbone import gathered
 from ipt_ds.peft_export import write_peft_adapter
 
@@ -24,19 +28,40 @@ EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
 
 
+# The plain records besides tensors that DeepSpeed's checkpoints hold; resume unpickles nothing else.
+_DEEPSPEED_RECORDS = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     tmp.replace(path)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished directory into place; the old one is removed only after the new one is complete."""
+    """Move a finished directory into place; the old one is removed only after the new one is complete. Between
+    the two renames `final` is briefly absent; `recover_dir` puts the old one back if a kill lands there."""
     old = final.with_name(f".{final.name}.old{os.getpid()}")
     if final.exists():
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(final: Path) -> None:
+    """Undo a `replace_dir` cut short between its renames: bring the previous version back."""
+    if final.exists():
+        return
+    previous = sorted(final.parent.glob(f".{final.name}.old*"), key=lambda p: p.stat().st_mtime)
+    if previous:
+        previous[-1].rename(final)
 
 
 def export_trainable(model: torch.nn.Module, out_dir: Path, meta: dict, *, rank: int) -> None:
@@ -58,6 +83,7 @@ def export_trainable(model: torch.nn.Module, out_dir: Path, meta: dict, *, rank:
 
 def read_export(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """Return (meta, tensors) of an export directory; clear errors for a wrong path."""
+    recover_dir(path)
     if not (path / EXPORT_CONFIG).is_file() or not (path / EXPORT_WEIGHTS).is_file():
         raise ValueError(f"{path}: not an export directory (expected {EXPORT_CONFIG} and {EXPORT_WEIGHTS}); "
                          "exports are written to <run>/best and <run>/final")
@@ -80,10 +106,121 @@ def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], *, 
 
 
 def save_rng(path: Path, rank: int) -> None:
-    save_file({"torch": torch.get_rng_state()}, path / f"rng_rank{rank}.safetensors")
+    """This rank's random state (dropout draws): the CPU generator and, where there is one, the accelerator's."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    save_file(states, path / f"rng_rank{rank}.safetensors")
 
 
 def load_rng(path: Path, rank: int) -> None:
-    file = path / f"rng_rank{rank}.safetensors"
-    if file.exists():
-        torch.set_rng_state(load_file(file)["torch"])
+    states = load_file(path / f"rng_rank{rank}.safetensors")
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def trainable_weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every trainable weight is finite, agreed by all ranks (each checks what it holds: its ZeRO-3
+    partition, or the whole tensor)."""
+    held = [getattr(p, "ds_tensor", None) if hasattr(p, "ds_tensor") else p
+            for p in model.parameters() if p.requires_grad]
+    bad = any(not bool(t.isfinite().all()) for t in held if t is not None)
+    device = next(model.parameters()).device
+    flag = torch.tensor([float(bad)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0
+
+
+def save_resume_state(engine, directory: Path, step: int, client_state: dict, *, rank: int) -> None:
+    """Write checkpoint `step<step>` on every rank, then, once all ranks' files are complete, point `latest` at it
+    (atomically) and remove the older ones. A run killed at any moment leaves `latest` on a complete checkpoint."""
+    tag = f"step{step}"
+    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, exclude_frozen_parameters=True,
+                           save_latest=False)
+    save_rng(directory / tag, rank)
+    failures.checkpoint_written(step)
+    torch.distributed.barrier()
+    if rank == 0:
+        atomic_write_text(directory / "latest", tag)
+        for old in directory.glob("step*"):
+            if old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def load_resume_state(engine, directory: Path, *, rank: int, world: int) -> dict:
+    """Load the checkpoint `latest` names into `engine` and this rank's random state; return the client state.
+
+    DeepSpeed's files are read with `torch.load(weights_only=True)`: tensors and DeepSpeed's plain records only.
+    Leftovers of a save that was cut short (directories `latest` does not name) are removed afterwards."""
+    import importlib
+
+    tag = (directory / "latest").read_text().strip()
+    missing = [f"rng_rank{r}.safetensors" for r in range(world) if not (directory / tag / f"rng_rank{r}.safetensors")
+               .is_file()]
+    if not tag or missing:
+        raise ValueError(f"--run.resume: checkpoint '{directory / tag}' is incomplete (missing "
+                         f"{', '.join(missing) or 'its name'}); it was not written by this version's checkpointing")
+    allowed = [getattr(importlib.import_module(module), name) for module, name in _DEEPSPEED_RECORDS]
+    checkpoint_engine = engine.checkpoint_engine
+
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as err:
+                raise ValueError(f"--run.resume: '{path}' holds objects other than tensors and DeepSpeed records "
+                                 f"({str(err).splitlines()[-1][:200]}); resume does not unpickle them") from None
+
+    checkpoint_engine.load = load
+    try:
+        path, client = engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False)
+    finally:
+        del checkpoint_engine.load  # back to the class's method
+    if path is None:
+        raise ValueError(f"--run.resume: DeepSpeed could not load '{directory / tag}'")
+    load_rng(directory / tag, rank)
+    torch.distributed.barrier()
+    if rank == 0:
+        for stale in directory.glob("step*"):
+            if stale.name != tag:
+                shutil.rmtree(stale, ignore_errors=True)
+    return client
+
+
+# What a resumed run may change: where it logs and how long it goes on; everything else shapes the model, the data
+# order or the optimizer, and a different value would not continue the same run.
+RESUME_MAY_CHANGE = ("run.", "train.max_steps", "train.epochs", "train.eval_every", "train.eval_batch_size",
+                     "train.nonfinite")
+
+
+def check_resume_config(out: Path, config: dict, world: int) -> None:
+    """Refuse to resume `out` with another world size or with settings that change the run (method, model, data,
+    optimizer, ...); reads the config.yaml and ds_config.json the run wrote at its start."""
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        ds = json.loads((out / "ds_config.json").read_text())
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise ValueError(f"--run.resume: cannot read config.yaml / ds_config.json of the run in '{out}' ({err})") \
+            from None
+    saved_world = ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"])
+    if saved_world != world:
+        raise ValueError(f"--run.resume: '{out}' was trained on {saved_world} ranks, this run has {world}; resume with "
+                         f"{saved_world} ranks (data order and optimizer partitions depend on it) or start a new run")
+    was, now = _flatten(saved), _flatten(config)
+    changed = [f"{key} (was {was[key]!r}, now {now[key]!r})" for key in sorted(set(was) & set(now))
+               if was[key] != now[key] and not key.startswith(RESUME_MAY_CHANGE)]
+    if changed:
+        raise ValueError(f"--run.resume: these settings differ from the run in '{out}': {'; '.join(changed)}. "
+                         "Resume with the run's own settings (only run.*, train.max_steps, train.epochs, "
+                         "train.eval_every, train.eval_batch_size and train.nonfinite may change) or start a new run")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in (tree or {}).items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -3,6 +3,7 @@
   ipt-ds train CONFIG.yaml [--optim.lr=1e-3 ...]     train (under `deepspeed` for several ranks)
   ipt-ds evaluate RUN/best [--data.eval_split=val]   score an export on a split
   ipt-ds predict RUN/best --input=F --output=F.jsonl predictions for a labelled or unlabelled file
+  ipt-ds predict-mixed --exports=a=DIR,b=DIR --input=F --output=F.jsonl   rows of several tasks, one backbone
   ipt-ds estimate CONFIG.yaml [--key=value ...]      trainable / total parameter counts before a run
   ipt-ds show-config CONFIG.yaml [--key=value ...]   print the resolved configuration
   ipt-ds methods | tasks                             list what is registered
@@ -85,6 +86,14 @@ def predict(export: str, input: str, output: str, **overrides):  # noqa: A002 - 
 
 
 @_user_errors
+def predict_mixed(exports: str, input: str, output: str, batch_size: int = 32):  # noqa: A002
+    """Predict a jsonl file mixing tasks; each row's `export` field names one of --exports=name=DIR,..."""
+    from ipt_ds import mixed
+
+    mixed.predict_mixed(mixed.parse_exports(exports), input, output, batch_size=batch_size)
+
+
+@_user_errors
 def estimate(config: str | None = None, **overrides):
     """Print trainable and total parameter counts for CONFIG before any run (loads the backbone once, no DeepSpeed)."""
     import torch
@@ -142,7 +151,8 @@ def main() -> None:
     sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
     try:
         fire.Fire({"train": train, "evaluate": evaluate, "predict": predict, "estimate": estimate,
-                   "show-config": show_config, "methods": methods, "tasks": tasks})
+                   "show-config": show_config, "methods": methods, "tasks": tasks,
+                   "predict-mixed": predict_mixed})
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

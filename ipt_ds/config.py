@@ -34,6 +34,14 @@ class RunConfig:
     """Optimizer steps between logged training losses."""
     debug: bool = False
     """Show full tracebacks for user errors."""
+    collective_timeout_s: float = 1800.0
+    """Seconds a collective may wait for the other ranks before this rank fails (bounds a hung or lost peer)."""
+
+    def validate(self) -> list[str]:
+        problems = [] if self.log_every >= 1 else [f"run.log_every must be >= 1, got {self.log_every}"]
+        if not self.collective_timeout_s > 0:  # `not >` also catches nan
+            problems.append(f"run.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
+        return problems
 
 
 @dataclass(kw_only=True)
@@ -59,6 +67,15 @@ class DataConfig:
     fields: dict[str, str] = field(default_factory=dict)
     """Column mapping for custom jsonl/csv files: {text_a: ..., text_b: ..., label: ...}."""
 
+    def validate(self) -> list[str]:
+        from ipt_ds.data.tasks import get_task
+
+        try:
+            get_task(self.task)
+        except ValueError as err:
+            return [f"data.task: {err}"]
+        return []
+
 
 @dataclass(kw_only=True)
 class TrainConfig:
@@ -74,6 +91,9 @@ class TrainConfig:
     """Optimizer steps to train for; 0: derived from epochs."""
     eval_every: int = 0
     """Optimizer steps between evaluations (and checkpoints); 0: once per epoch."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss or gradients hold NaN/inf: stop the run naming the step, or skip its update (no change to
+    weights, optimizer state or schedule). fp16 loss-scaler overflows are always skipped, as DeepSpeed does."""
 
     def validate(self) -> list[str]:
         problems = [f"train.{k} must be >= 1, got {v}" for k, v in

@@ -11,6 +11,7 @@ import math
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -28,8 +29,10 @@ YAML_OWNED = {
 }
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group the launcher set up, or make a 1-rank one; returns (rank, world_size)."""
+def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int]:
+    """Join the process group the launcher set up, or make a 1-rank one; returns (rank, world_size).
+
+    `timeout_s` bounds every collective: a rank whose peer hangs or vanishes fails after at most that long."""
     if "WORLD_SIZE" not in os.environ:  # plain `ipt-ds train`: a world of one
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -39,7 +42,15 @@ def init_distributed() -> tuple[int, int]:
     from deepspeed.accelerator import get_accelerator
 
     backend = get_accelerator().communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend)
+    timeout = timedelta(seconds=timeout_s)
+    # Groups made later without a timeout of their own (DeepSpeed's copy of the world group, which ZeRO reduces in)
+    # take torch's module default, not the world group's: make that default this timeout too.
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -112,6 +123,38 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int):
     return optimizer, scheduler
 
 
+def skip_nonfinite_updates(engine) -> None:
+    """Without ZeRO (and in fp32) DeepSpeed steps the torch optimizer directly and would apply a NaN/inf gradient;
+    give it the check that ZeRO's wrappers make: no update, and `overflow` set, which DeepSpeed reads to count a
+    skipped step and hold the schedule. DeepSpeed's own optimizer wrappers are left alone: they check themselves."""
+    optimizer = engine.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return
+    update = optimizer.step
+
+    @torch.no_grad()
+    def step(closure=None):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        optimizer.overflow = bool(grads) and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        return None if optimizer.overflow else update(closure)
+
+    optimizer.overflow = False
+    optimizer.step = step
+
+
+class NonFiniteError(ValueError):
+    """A NaN/inf loss, gradient or weight that stops the run (a ValueError: one `error:` line, exit status 2)."""
+
+
+def step_was_finite(engine, loss: float, *, fp16: bool) -> bool:
+    """Whether every rank's loss was finite and the update was applied (DeepSpeed skips one with a non-finite
+    gradient norm; an fp16 loss scaler's skips are its normal calibration and do not count). All ranks agree."""
+    bad = not math.isfinite(loss) or (not fp16 and not engine.was_step_applied())
+    flag = torch.tensor([float(bad)], device=engine.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0
+
+
 @dataclass
 class TrainState:
     """What a checkpoint must restore besides weights and optimizer: where in the data we are, and the best so far."""
@@ -121,3 +164,5 @@ class TrainState:
     micro_in_epoch: int = 0
     best_metric: float = -math.inf
     best_step: int = -1
+    num_skipped: int = 0
+    """Steps whose update was skipped for a non-finite loss or gradient (train.nonfinite: skip)."""

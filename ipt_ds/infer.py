@@ -26,7 +26,7 @@ def load_for_inference(export_dir: str, overrides: dict):
 
     meta, tensors = checkpoint.read_export(Path(export_dir))
     cfg = config_from_dict(meta["config"], overrides, source=export_dir)
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.run.collective_timeout_s)
     ds_config = {k: v for k, v in meta["ds_config"].items() if k not in ("gradient_accumulation_steps",)}
     ds_config["train_batch_size"] = ds_config["train_micro_batch_size_per_gpu"] * world
     if ds_config.get("zero_optimization", {}).get("stage", 0) < 3:

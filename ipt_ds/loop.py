@@ -18,18 +18,21 @@ from typing import Protocol
 import torch
 import yaml
 
-from ipt_ds import checkpoint
+from ipt_ds import checkpoint, failures
 from ipt_ds.config import Config
 from ipt_ds.data.encode import TextEncoder, collate
 from ipt_ds.data.pipeline import load_task_splits, rank_eval_batches, rank_train_batches
 from ipt_ds.data.tasks import Example, Task
 from ipt_ds.engine import (
+    NonFiniteError,
     TrainState,
     build_optimizer,
     ds_dtype,
     fit_zero3_buckets,
     init_distributed,
     resolve_ds_config,
+    skip_nonfinite_updates,
+    step_was_finite,
 )
 from ipt_ds.metrics import compute_metrics
 from ipt_ds.model import PromptModel, build_model
@@ -37,22 +40,38 @@ from ipt_ds.model import PromptModel, build_model
 log = logging.getLogger("ipt_ds")
 
 
-def prepare_run_dir(cfg: Config, rank: int) -> Path:
-    """Refuse to touch an existing run unless asked (resume or overwrite)."""
+def check_run_dir(cfg: Config, world: int) -> Path:
+    """Refuse to touch an existing run unless asked (resume or overwrite), and to resume it differently; changes
+    nothing on disk (`prepare_run_dir` does, once the run has got past everything that can fail early)."""
     out = cfg.output_path()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"run.output_dir '{out}' is a file; choose a directory")
     exists = out.exists() and any(out.iterdir())
     if exists and not (cfg.run.resume or cfg.run.overwrite):
         raise ValueError(f"run.output_dir '{out}' already holds a run; pass --run.resume=true to continue it, "
                          "--run.overwrite=true to replace it, or choose another --run.output_dir")
-    if cfg.run.resume and not (out / "checkpoints" / "latest").exists():
-        raise ValueError(f"--run.resume: no checkpoint in '{out}/checkpoints' to resume from")
-    torch.distributed.barrier()  # every rank has checked before rank 0 deletes anything
+    if cfg.run.resume:
+        if not (out / "checkpoints" / "latest").exists():
+            raise ValueError(f"--run.resume: no checkpoint in '{out}/checkpoints' to resume from")
+        checkpoint.check_resume_config(out, cfg.to_dict(), world)
+    elif exists and cfg.run.overwrite:
+        if Path.cwd().resolve().is_relative_to(out.resolve()):
+            raise ValueError(f"--run.overwrite: run.output_dir '{out}' contains the current directory; refusing "
+                             "to delete it")
+        if not (out / "config.yaml").is_file():
+            raise ValueError(f"--run.overwrite: '{out}' is not a run directory (no config.yaml); refusing to delete "
+                             "it, choose another --run.output_dir")
+    return out
+
+
+def prepare_run_dir(cfg: Config, out: Path, rank: int) -> None:
+    """Replace the old run (--run.overwrite) and create the run directory, after every rank has checked it."""
+    torch.distributed.barrier()
     if rank == 0:
-        if exists and cfg.run.overwrite and not cfg.run.resume:
+        if cfg.run.overwrite and not cfg.run.resume and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    return out
 
 
 def predict_examples(engine, encoder: TextEncoder, examples: list[Example], batch_size: int):
@@ -151,8 +170,9 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     import deepspeed
 
     recipe = recipe or TaskRecipe(cfg)
-    rank, world = init_distributed()
-    out = prepare_run_dir(cfg, rank)
+    rank, world = init_distributed(cfg.run.collective_timeout_s)
+    failures.start(rank, world)
+    out = check_run_dir(cfg, world)  # nothing on disk changes before data, model and engine are built
     torch.manual_seed(cfg.run.seed)
     ds_config = resolve_ds_config(cfg, world_size=world)
     model, features, pad_id, about = recipe.build(ds_config)
@@ -167,6 +187,10 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     counts = model.parameter_report()
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
+    skip_nonfinite_updates(engine)
+    failures.watch_loss(engine.module)
+    prepare_run_dir(cfg, out, rank)
+    log.info("run directory: %s", out.resolve())
     log.info("parameters: %s trainable of %s total (%.4f%%)", f"{counts['trainable']:,}", f"{counts['total']:,}",
              100 * counts["trainable"] / counts["total"])
     log.info("backbone bytes on rank %d: %.1f MiB of %.1f MiB (world size %d)", rank,
@@ -179,11 +203,13 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
 
     state = TrainState()
     if cfg.run.resume:
-        _, client = engine.load_checkpoint(str(out / "checkpoints"), load_module_strict=False)
+        client = checkpoint.load_resume_state(engine, out / "checkpoints", rank=rank, world=world)
         state = TrainState(**client["train_state"])
-        checkpoint.load_rng(out / "checkpoints" / client["tag"], rank)
+        if rank == 0:  # steps logged after that checkpoint are about to run again
+            _truncate_log(out / "log.jsonl", state.step)
         log.info("resumed at step %d (epoch %d)", state.step, state.epoch)
-    writer = _tensorboard(out) if rank == 0 else None
+    writer = _tensorboard(out, purge_step=state.step + 1 if cfg.run.resume else None) if rank == 0 else None
+    fp16 = ds_config.get("fp16", {}).get("enabled", False)
     progress = _progress(rank, total_steps, state.step)
     window_start, window_samples, window_loss = time.perf_counter(), 0, torch.zeros(2)  # (sum, count)
     while state.step < total_steps:
@@ -192,14 +218,18 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
                                      world_size=world, accumulation=accumulation, seed=cfg.run.seed + state.epoch)
         while state.micro_in_epoch < len(batches) and state.step < total_steps:
             chunk = batches[state.micro_in_epoch : state.micro_in_epoch + accumulation]
+            failures.begin_step(state.step + 1)
             loss = train_step(engine, [collate([features[i] for i in b], pad_id) for b in chunk])
             state.micro_in_epoch += accumulation
             state.step += 1
             window_samples += cfg.train.batch_size
-            window_loss += torch.tensor([loss, 1.0])
+            if step_was_finite(engine, loss, fp16=fp16):
+                window_loss += torch.tensor([loss, 1.0])
+            else:
+                _nonfinite_step(cfg, state, out)
             if state.step % cfg.run.log_every == 0 or state.step == total_steps:
                 torch.distributed.all_reduce(window_loss)  # the loss of the global batch, not of one rank's share
-                loss = (window_loss[0] / window_loss[1]).item()
+                loss = (window_loss[0] / window_loss[1]).item() if window_loss[1] else float("nan")
                 rate = window_samples / (time.perf_counter() - window_start)
                 lr = scheduler.get_last_lr()[0]
                 _log_scalars(writer, state, {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate}, out)
@@ -218,7 +248,21 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     return recipe.finish(engine, state, out, rank)
 
 
+def _nonfinite_step(cfg: Config, state: TrainState, out: Path) -> None:
+    """A step with a NaN/inf loss or gradient: stop (the default), or count it as skipped (its update was not made)."""
+    if cfg.train.nonfinite == "stop":
+        raise NonFiniteError(f"step {state.step}: the loss or the gradients are not finite (NaN/inf); stopped before "
+                             f"anything of this step was saved (the checkpoints in '{out}/checkpoints' are from "
+                             "earlier steps). Lower optim.lr, check this step's inputs, or set train.nonfinite=skip")
+    state.num_skipped += 1
+    log.warning("step %d: non-finite loss or gradients; its update was skipped (%d skipped so far)", state.step,
+                state.num_skipped)
+
+
 def _evaluate_and_save(engine, recipe: Recipe, state, out, meta, writer, rank) -> None:
+    if not checkpoint.trainable_weights_finite(engine.module):
+        raise NonFiniteError(f"step {state.step}: the trained weights hold NaN/inf; no checkpoint or export is "
+                             f"written (those in '{out}' are from earlier steps). Lower optim.lr or check the inputs")
     metrics = recipe.evaluate(engine)
     selection = next(iter(metrics.values()))
     _log_scalars(writer, state, {f"eval/{k}": v for k, v in metrics.items()}, out)
@@ -226,15 +270,8 @@ def _evaluate_and_save(engine, recipe: Recipe, state, out, meta, writer, rank) -
     if selection > state.best_metric:
         state.best_metric, state.best_step = selection, state.step
         recipe.export(engine, out / "best", {**meta, "step": state.step, "eval": metrics}, rank)
-    tag = f"step{state.step}"
-    engine.save_checkpoint(str(out / "checkpoints"), tag=tag, exclude_frozen_parameters=True,
-                           client_state={"train_state": dataclasses.asdict(state), "tag": tag})
-    checkpoint.save_rng(out / "checkpoints" / tag, rank)
-    torch.distributed.barrier()
-    if rank == 0:  # keep the newest checkpoint only; `latest` already points at it
-        for old in (out / "checkpoints").glob("step*"):
-            if old.name != tag:
-                shutil.rmtree(old, ignore_errors=True)
+    checkpoint.save_resume_state(engine, out / "checkpoints", state.step, {"train_state": dataclasses.asdict(state)},
+                                 rank=rank)
 
 
 def _finish(engine, encoder, task, eval_examples, test_examples, cfg, state, out, rank) -> dict:
@@ -242,6 +279,7 @@ def _finish(engine, encoder, task, eval_examples, test_examples, cfg, state, out
     meta, tensors = checkpoint.read_export(out / "best")
     checkpoint.load_trainable(engine.module, tensors, source=str(out / "best"))
     results = {"task": task.name, "method": cfg.method.name, "best_step": state.best_step,
+               "skipped_steps": state.num_skipped,
                "eval": evaluate(engine, encoder, task, eval_examples, cfg.train.eval_batch_size),
                "parameters": meta["parameters"]}
     if not task.is_regression:  # the number to beat: always predicting the most frequent eval label
@@ -270,10 +308,24 @@ def _log_scalars(writer, state: TrainState, scalars: dict, out: Path) -> None:
         handle.write(json.dumps({"step": state.step, **scalars}) + "\n")
 
 
-def _tensorboard(out: Path):
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines up to `step` (a killed run may have logged past its last checkpoint, or half a line)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    checkpoint.atomic_write_text(path, "".join(kept))
+
+
+def _tensorboard(out: Path, purge_step: int | None = None):
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
 
 
 def _progress(rank: int, total: int, start: int):

@@ -46,13 +46,17 @@ class PromptModel(nn.Module):
 
 
 def build_model(
-    cfg: Config, task: Task, *, dtype: torch.dtype, ds_config: dict | None
+    cfg: Config, task: Task, *, dtype: torch.dtype, ds_config: dict | None, loaded: tuple | None = None
 ) -> tuple[PromptModel, TextEncoder]:
-    """Load the backbone, attach the configured method and head; return the model and its text encoder."""
+    """Load the backbone, attach the configured method and head; return the model and its text encoder.
+
+    `loaded` = (backbone, tokenizer) already in memory: the new method and head are attached to that same frozen
+    backbone (several exports then share one; see mixed.py)."""
     verbalizer = cfg.head.type == "verbalizer"
     if verbalizer and task.is_regression:
         raise ValueError(f"head.type 'verbalizer' cannot score the regression task '{task.name}'; use head.type linear")
-    backbone, tokenizer = load_backbone(cfg.model, dtype=dtype, with_lm_head=verbalizer, ds_config=ds_config)
+    backbone, tokenizer = loaded or load_backbone(cfg.model, dtype=dtype, with_lm_head=verbalizer,
+                                                 ds_config=ds_config)
     words = cfg.head.label_words or list(task.label_words)
     token_ids: list[int] = []
     if verbalizer:
