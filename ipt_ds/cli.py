@@ -43,7 +43,9 @@ def _shutdown_distributed() -> None:
 
 
 def _user_errors(command):
-    """Run a command; a user error prints one clear message and exits 2 (the traceback only with --run.debug)."""
+    """Run a command; a user error prints one clear message and exits 2 (the traceback only with --run.debug).
+    Any other failure logs `rank R failed at step S: ...` with its traceback and exits 1. A rank that joined a process
+    group leaves at once either way, so that no teardown waits on peers (see failures.py)."""
     def wrapped(*args, **overrides):
         _setup(overrides)
         try:
@@ -54,10 +56,25 @@ def _user_errors(command):
             if overrides.get("run.debug"):
                 raise
             print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            _exit(2)
+        except Exception as err:
+            from ipt_ds.failures import failure_message
+
+            logging.getLogger("ipt_ds").exception(failure_message(err))
+            _exit(1)
 
     wrapped.__doc__ = command.__doc__
     return wrapped
+
+
+def _exit(code: int) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from ipt_ds.failures import exit_now
+
+        exit_now(code)
+    sys.exit(code)
 
 
 @_user_errors

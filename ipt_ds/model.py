@@ -6,6 +6,8 @@ top-level forward per step, in the same order on every rank.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -15,6 +17,8 @@ from ipt_ds.data.encode import TextEncoder, label_token_ids
 from ipt_ds.data.tasks import Task
 from ipt_ds.heads import build_head
 from ipt_ds.methods import get_method
+
+log = logging.getLogger("ipt_ds")
 
 
 class PromptModel(nn.Module):
@@ -53,6 +57,9 @@ def build_model(
     `loaded` = (backbone, tokenizer) already in memory: the new method and head are attached to that same frozen
     backbone (several exports then share one; see mixed.py)."""
     verbalizer = cfg.head.type == "verbalizer"
+    if cfg.model.trust_remote_code:
+        log.warning("model.trust_remote_code is on: Python code from '%s' runs in this process; use it only for "
+                    "sources you trust", cfg.model.name_or_path)
     if verbalizer and task.is_regression:
         raise ValueError(f"head.type 'verbalizer' cannot score the regression task '{task.name}'; use head.type linear")
     backbone, tokenizer = loaded or load_backbone(cfg.model, dtype=dtype, with_lm_head=verbalizer,
