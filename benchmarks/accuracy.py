@@ -5,8 +5,9 @@
 
 Every cell (config, seed) trains with `ipt-ds train` into benchmarks/results/<name>/runs/<config>-seed<seed>; a cell
 whose results.json exists is skipped, so an interrupted study continues where it stopped. Protocol: the config's eval
-split is used for model selection (best evaluation) and is the split reported, as in the IPT and P-tuning v2 reference
-runs; `eval_majority_acc` is the number to beat. Writes results.json, results.md and results.png in the study folder.
+split selects the checkpoint (best evaluation); with a labelled test split (LM-BFF k-shot: dev selects, test reports)
+the test split is reported, otherwise the eval split is, as in the IPT and P-tuning v2 reference runs. The majority
+class of the reported split is the number to beat. Writes results.json, results.md and results.png in the study folder.
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ def run_cell(out: Path, config: Path, seed: int, num_ranks: int, overrides: list
 def summarize(cells: dict[str, list[dict]]) -> list[dict]:
     rows = []
     for name, results in cells.items():
-        metric = next(iter(results[0]["eval"]))
-        scores = [r["eval"][metric] for r in results]
-        rows.append({"config": name, "task": results[0]["task"], "method": results[0]["method"], "metric": metric,
-                     "mean": statistics.mean(scores), "sd": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-                     "seeds": len(scores), "scores": scores, "majority": results[0].get("eval_majority_acc"),
+        split = "test" if "test" in results[0] else "eval"  # with a test split, eval only selected the checkpoint
+        metric = next(iter(results[0][split]))
+        scores = [r[split][metric] for r in results]
+        rows.append({"config": name, "task": results[0]["task"], "method": results[0]["method"], "split": split,
+                     "metric": metric, "mean": statistics.mean(scores),
+                     "sd": statistics.stdev(scores) if len(scores) > 1 else 0.0, "seeds": len(scores),
+                     "scores": scores, "majority": results[0].get(f"{split}_majority_acc"),
                      "trainable": results[0]["parameters"]["trainable"]})
     return rows
 
@@ -54,10 +57,11 @@ def summarize(cells: dict[str, list[dict]]) -> list[dict]:
 def write_report(out: Path, rows: list[dict], command: str) -> None:
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     lines = [f"Command: `{command}`", f"Date: {time.strftime('%Y-%m-%d')}", "",
-             "| config | task | method | trainable params | metric | mean ± sd | seeds | majority |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| config | task | method | trainable params | split | metric | mean ± sd | seeds | majority |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['task']} | {r['method']} | {r['trainable']:,} | {r['metric']} | "
+        lines.append(f"| {r['config']} | {r['task']} | {r['method']} | {r['trainable']:,} | {r['split']} | "
+                     f"{r['metric']} | "
                      f"{r['mean']:.1f} ± {r['sd']:.1f} | {r['seeds']} | {r['majority']:.1f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     import matplotlib

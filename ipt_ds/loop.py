@@ -287,6 +287,9 @@ def _finish(engine, encoder, task, eval_examples, test_examples, cfg, state, out
         results["eval_majority_acc"] = 100 * max(counts.values()) / len(eval_examples)
     if test_examples and all(e.label is not None for e in test_examples):
         results["test"] = evaluate(engine, encoder, task, test_examples, cfg.train.eval_batch_size)
+        if not task.is_regression:
+            counts = Counter(e.label for e in test_examples)
+            results["test_majority_acc"] = 100 * max(counts.values()) / len(test_examples)
     if rank == 0:
         checkpoint.atomic_write_text(out / "results.json", json.dumps(results, indent=2))
         for split in ("eval", "test"):
