@@ -11,10 +11,16 @@ Instance vectors: rows of a (V, D) lookup table indexed by the first N token ids
 passed through a generator; a generator without a pretrained table reads the backbone's own embeddings of those
 tokens (activations, so nothing partitioned is read under ZeRO-3). docs/methods/ipt.md lists the deliberate
 differences from the reference code.
+Pretrained instance prompts (`ipt-ds pretrain`, docs/pretrain.md) are a directory of `generator.safetensors` (the
+table and the generator's tensors) and `generator_config.json` (what they were built for); `instance_pretrain` loads
+the table and, when `encoder` names the same generator, the generator too, after checking that both sides match.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,6 +33,12 @@ from ipt_ds.methods import register
 from ipt_ds.methods.base import MethodConfig, MethodOutput, run_with_input_prompt
 from ipt_ds.methods.generators import build_generator
 
+log = logging.getLogger(__name__)
+ARTIFACT_FORMAT = "ipt-ds instance prompts v1"
+ARTIFACT_WEIGHTS = "generator.safetensors"
+ARTIFACT_CONFIG = "generator_config.json"
+TABLE_KEY = "embedding"
+GENERATOR_PREFIX = "generator."
 
 @dataclass(kw_only=True)
 class IPTConfig(MethodConfig):
@@ -40,7 +52,8 @@ class IPTConfig(MethodConfig):
     encoder: Literal["", "cnn", "mlp", "lstm"] = ""
     """Generator applied to the instance vectors; empty: the looked-up rows are the prompt."""
     emb_checkpoints: str = ""
-    """Pretrained lookup table (safetensors, or a reference-style .pt read with weights_only) of shape (V, D)."""
+    """Pretrained instance prompts: an `ipt-ds pretrain` artifact (directory), or a bare (V, D) table (safetensors,
+    or a reference-style .pt read with weights_only)."""
     fix_emb: bool = False
     """Freeze the lookup table (the generator and task prompt still train)."""
     num_tokens: int = 16
@@ -65,9 +78,32 @@ class IPTConfig(MethodConfig):
         return problems
 
 
-def load_table(path: str, shape: tuple[int, int]) -> torch.Tensor:
-    """Read a pretrained lookup table; a mismatch names both shapes."""
+def instance_width(cfg: IPTConfig, backbone: Backbone) -> int:
+    """D: the width of one instance vector (H on the prompt path, 2 x kv on the prefix path)."""
+    return 2 * backbone.num_kv_heads * backbone.head_dim if cfg.method == "prefix-tuning" else backbone.hidden_size
+
+
+def vocabulary_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's (token, id) pairs: tables indexed by token id only carry to the same vocabulary."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+
+
+@dataclass
+class Pretrained:
+    """What `emb_checkpoints` holds."""
+
+    table: torch.Tensor
+    """(V, D) lookup table."""
+    generator: dict[str, torch.Tensor]
+    """The generator's tensors by name; empty for a table-only file."""
+    about: dict
+    """The artifact's `generator_config.json`; empty for a bare table file."""
+
+
+def read_pretrained(path: str) -> Pretrained:
+    """Read an `ipt-ds pretrain` artifact (its directory or its safetensors file) or a bare table file."""
     file = Path(path)
+    file = file / ARTIFACT_WEIGHTS if file.is_dir() else file
     if not file.is_file():
         raise ValueError(f"method.emb_checkpoints: '{path}' does not exist; run `ipt-ds pretrain` or fix the path")
     if file.suffix == ".safetensors":
@@ -75,38 +111,99 @@ def load_table(path: str, shape: tuple[int, int]) -> torch.Tensor:
 
         tensors = load_file(file)
     else:
-        loaded = torch.load(file, map_location="cpu", weights_only=True)  # never unpickles code
+        import pickle
+
+        try:
+            loaded = torch.load(file, map_location="cpu", weights_only=True)  # never unpickles code
+        except pickle.UnpicklingError:
+            raise ValueError(f"method.emb_checkpoints: '{path}' holds pickled objects other than tensors; only "
+                             "tensors (or a dict of them) load, with weights_only, so that no code runs") from None
         tensors = loaded if isinstance(loaded, dict) else {"table": loaded}
-    table = tensors.get("embedding", tensors.get("table", next(iter(tensors.values()))))
-    if tuple(table.shape) != shape:
-        raise ValueError(f"method.emb_checkpoints: '{path}' holds a table of shape {tuple(table.shape)}, but this "
-                         f"backbone and path need {shape} (vocabulary x width); was it built for another tokenizer "
-                         "or method path?")
-    return table.float()
+    generator = {k.removeprefix(GENERATOR_PREFIX): v for k, v in tensors.items() if k.startswith(GENERATOR_PREFIX)}
+    others = [key for key in tensors if not key.startswith(GENERATOR_PREFIX)]
+    key = next((k for k in (TABLE_KEY, "table") if k in tensors), others[0] if len(others) == 1 else None)
+    if key is None or not isinstance(tensors[key], torch.Tensor) or tensors[key].dim() != 2:
+        raise ValueError(f"method.emb_checkpoints: '{path}' holds no (vocabulary x width) table under "
+                         f"'{TABLE_KEY}' or 'table' (keys: {sorted(tensors)[:5]})")
+    about_file = file.with_name(ARTIFACT_CONFIG)
+    about = json.loads(about_file.read_text()) if file.name == ARTIFACT_WEIGHTS and about_file.is_file() else {}
+    if about and about.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"method.emb_checkpoints: {about_file} is not an `ipt-ds pretrain` artifact description "
+                         f"(format {about.get('format')!r}, expected {ARTIFACT_FORMAT!r})")
+    return Pretrained(table=tensors[key].float(), generator=generator, about=about)
+
+
+def check_pretrained(pre: Pretrained, cfg: IPTConfig, backbone: Backbone, tokenizer) -> None:
+    """Raise one ValueError naming both sides of every mismatch between the artifact and this config / backbone."""
+    width, about, source = instance_width(cfg, backbone), pre.about, f"'{cfg.emb_checkpoints}'"
+    name = backbone.model.config.name_or_path
+    problems = []
+    fingerprint = vocabulary_fingerprint(tokenizer)
+    if about and (about["vocab_size"] != backbone.vocab_size or about["tokenizer_sha256"] != fingerprint):
+        problems.append(f"{source} was pretrained for the vocabulary of '{about['backbone']}' "
+                        f"({about['tokenizer']}, {about['vocab_size']} rows, sha256 {about['tokenizer_sha256'][:12]}), "
+                        f"this backbone '{name}' has {type(tokenizer).__name__} with {backbone.vocab_size} rows "
+                        f"(sha256 {fingerprint[:12]})" + ("; token ids do not mean the same tokens"
+                                                          if about["tokenizer_sha256"] != fingerprint else ""))
+    if about and (about["path"] != cfg.method or about["width"] != width):
+        problems.append(f"{source} holds {about['path']} instance vectors of width {about['width']}, this config "
+                        f"needs {cfg.method} vectors of width {width} (method.method)")
+    if about.get("encoder") and cfg.encoder and about["encoder"] != cfg.encoder:
+        problems.append(f"{source} holds a '{about['encoder']}' generator, but method.encoder is '{cfg.encoder}'; "
+                        f"set method.encoder: {about['encoder']} or pretrain a '{cfg.encoder}' generator")
+    elif about.get("encoder") and cfg.encoder and about["generator_width"] != cfg.generator_width:
+        problems.append(f"{source} holds a generator of width {about['generator_width']}, but "
+                        f"method.generator_width is {cfg.generator_width}")
+    if not problems and tuple(pre.table.shape) != (backbone.vocab_size, width):
+        problems.append(f"{source} holds a table of shape {tuple(pre.table.shape)}, but this backbone and path need "
+                        f"{(backbone.vocab_size, width)} (vocabulary x width); was it built for another tokenizer or "
+                        "method path?")
+    if problems:
+        raise ValueError("method.emb_checkpoints does not fit this run: " + "; ".join(problems))
+    if about and about["num_tokens"] != cfg.num_tokens:
+        log.info("%s was pretrained on %d leading tokens, this run uses %d (the generators work at any length)",
+                 source, about["num_tokens"], cfg.num_tokens)
+
+
+def load_generator(generator: nn.Module, tensors: dict[str, torch.Tensor], *, source: str) -> None:
+    own = generator.state_dict()
+    bad = sorted(set(own) ^ set(tensors)) or [k for k in own if tuple(own[k].shape) != tuple(tensors[k].shape)]
+    if bad:
+        raise ValueError(f"method.emb_checkpoints: the generator in '{source}' does not fit this method.encoder / "
+                         f"generator_width (tensors that differ: {bad[:4]})")
+    generator.load_state_dict(tensors)
 
 
 class IPT(nn.Module):
-    def __init__(self, cfg: IPTConfig, backbone: Backbone, pad_id: int):
+    def __init__(self, cfg: IPTConfig, backbone: Backbone, pad_id: int, *, pretrained: Pretrained | None = None,
+                 initial_table: torch.Tensor | None = None):
+        """`pretrained`: what `emb_checkpoints` holds (with `instance_pretrain`); `initial_table`: a (V, D) table to
+        start from (pretraining gives one, so that a generator reads a table of its own)."""
         super().__init__()
         self.cfg, self.pad_id = cfg, pad_id
         num_tokens, hidden = cfg.num_tokens, backbone.hidden_size
         self.prefix_path = cfg.method == "prefix-tuning"
         kv = backbone.num_kv_heads * backbone.head_dim
         self.shape = (backbone.num_layers * 2, backbone.num_kv_heads, backbone.head_dim)
-        width = 2 * kv if self.prefix_path else hidden  # one instance vector per prompt position
+        width = instance_width(cfg, backbone)  # one instance vector per prompt position
         self.num_prefix_positions = 0 if self.prefix_path else num_tokens * (1 + (cfg.task_prompt and cfg.instance))
         if self.prefix_path:
             self.task_prefix = nn.Parameter(torch.randn(num_tokens, backbone.num_layers * 2 * kv) * 0.02)
         elif cfg.task_prompt or not cfg.instance:
             self.task_prompt = nn.Parameter(torch.empty(num_tokens, hidden).uniform_(-cfg.init_range, cfg.init_range))
-        if cfg.instance and (cfg.instance_pretrain or not cfg.encoder):
-            shape = (backbone.vocab_size, width)
-            table = load_table(cfg.emb_checkpoints, shape) if cfg.instance_pretrain else \
-                torch.empty(shape).uniform_(-cfg.init_range, cfg.init_range)
-            self.table = nn.Embedding.from_pretrained(table, freeze=cfg.fix_emb)
+        table = pretrained.table if pretrained is not None else initial_table
+        if cfg.instance and (table is not None or not cfg.encoder):
+            if table is None:
+                table = torch.empty(backbone.vocab_size, width).uniform_(-cfg.init_range, cfg.init_range)
+            self.table = nn.Embedding.from_pretrained(table.float(), freeze=cfg.fix_emb)
         if cfg.instance and cfg.encoder:
             d_in = width if hasattr(self, "table") else hidden
             self.generator = build_generator(cfg.encoder, d_in, width, cfg.generator_width)
+            if pretrained is not None and pretrained.generator:
+                load_generator(self.generator, pretrained.generator, source=cfg.emb_checkpoints)
+            elif pretrained is not None:
+                log.info("method.emb_checkpoints holds a table only: the %s generator starts from random weights",
+                         cfg.encoder)
 
     def instance_vectors(self, backbone: Backbone, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, N, D) from the first N token ids (padded when the input is shorter)."""
@@ -142,8 +239,15 @@ class IPT(nn.Module):
 
 
 @register("ipt", IPTConfig)
-def build(cfg: IPTConfig, backbone: Backbone, tokenizer) -> nn.Module:
+def build(cfg: IPTConfig, backbone: Backbone, tokenizer, *, initial_table: torch.Tensor | None = None) -> IPT:
     bad = [layer for layer in cfg.instance_layers if not 0 <= layer < backbone.num_layers]
     if bad:
         raise ValueError(f"method.instance_layers {bad} outside the backbone's layers 0..{backbone.num_layers - 1}")
-    return IPT(cfg, backbone, tokenizer.pad_token_id)
+    pretrained = None
+    if cfg.instance and cfg.instance_pretrain:
+        pretrained = read_pretrained(cfg.emb_checkpoints)
+        check_pretrained(pretrained, cfg, backbone, tokenizer)
+        if pretrained.generator and not cfg.encoder:
+            log.info("method.emb_checkpoints also holds a %s generator; without method.encoder only its table is used",
+                     pretrained.about.get("encoder", "pretrained"))
+    return IPT(cfg, backbone, tokenizer.pad_token_id, pretrained=pretrained, initial_table=initial_table)
