@@ -7,6 +7,9 @@
   ipt-ds estimate CONFIG.yaml [--key=value ...]      trainable / total parameter counts before a run
   ipt-ds show-config CONFIG.yaml [--key=value ...]   print the resolved configuration
   ipt-ds methods | tasks                             list what is registered
+  ipt-ds pretrain CONFIG.yaml | build-corpus ...     commands of installed plugins (here `pretrain/`, docs/pretrain.md)
+
+Other packages add commands through the `ipt_ds.commands` entry-point group; ipt_ds never imports them itself.
 """
 
 from __future__ import annotations
@@ -161,14 +164,21 @@ def tasks():
         print(f"{name}: {labels}; metrics {', '.join(task.metrics)}")
 
 
+def _plugin_commands() -> dict:
+    """Commands registered under the `ipt_ds.commands` entry points (name -> function), run like the built-in ones."""
+    from importlib.metadata import entry_points
+
+    return {entry.name: _user_errors(entry.load()) for entry in entry_points(group="ipt_ds.commands")}
+
+
 def main() -> None:
     import fire
 
     # The deepspeed launcher puts --local_rank=N before the command; LOCAL_RANK in the environment carries it too.
     sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
     try:
-        fire.Fire({"train": train, "evaluate": evaluate, "predict": predict, "estimate": estimate,
-                   "show-config": show_config, "methods": methods, "tasks": tasks,
+        fire.Fire({**_plugin_commands(), "train": train, "evaluate": evaluate, "predict": predict,
+                   "estimate": estimate, "show-config": show_config, "methods": methods, "tasks": tasks,
                    "predict-mixed": predict_mixed})
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
