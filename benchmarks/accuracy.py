@@ -1,13 +1,15 @@
 """Accuracy study: shipped configs x seeds on real data, mean and spread per config; resumable.
 
     python -m benchmarks.accuracy --configs configs/cb/*_minilm.yaml --seeds 1 2 3 [--num-ranks 1]
-        [--override=--train.epochs=3]
+        [--override=--train.epochs=3] [--data-seeds 13 21 42] [--name accuracy]
 
 Every cell (config, seed) trains with `ipt-ds train` into benchmarks/results/<name>/runs/<config>-seed<seed>; a cell
 whose results.json exists is skipped, so an interrupted study continues where it stopped. Protocol: the config's eval
 split selects the checkpoint (best evaluation); with a labelled test split (LM-BFF k-shot: dev selects, test reports)
 the test split is reported, otherwise the eval split is, as in the IPT and P-tuning v2 reference runs. The majority
-class of the reported split is the number to beat. Writes results.json, results.md and results.png in the study folder.
+class of the reported split is the number to beat. `--data-seeds` pairs each seed with an LM-BFF data seed
+(`data.lmbff_seed`: which k-shot sample trains), so that seeds vary the data as LM-BFF's protocol does.
+Writes results.json, results.md and results.png in the study folder.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import time
 from pathlib import Path
 
 
-def run_cell(out: Path, config: Path, seed: int, num_ranks: int, overrides: list[str]) -> dict:
-    run = out / "runs" / f"{config.parent.name}-{config.stem}-seed{seed}"
+def run_cell(out: Path, config: Path, seed: int, num_ranks: int, overrides: list[str], data_seed: int = 0) -> dict:
+    run = out / "runs" / f"{config.parent.name}-{config.stem}-seed{seed}{f'-data{data_seed}' if data_seed else ''}"
+    if data_seed:
+        overrides = [*overrides, f"--data.lmbff_seed={data_seed}"]
     if not (run / "results.json").exists():
         args = ["train", str(config), f"--run.seed={seed}", f"--run.output_dir={run}", "--run.overwrite=true",
                 *overrides]
@@ -82,13 +86,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", type=Path, required=True)
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--data-seeds", nargs="+", type=int, default=[],
+                        help="LM-BFF data seeds, one per --seeds entry")
     parser.add_argument("--num-ranks", type=int, default=1)
     parser.add_argument("--override", nargs="*", default=[], help="--section.key=value flags for every cell")
     parser.add_argument("--name", default="accuracy", help="study folder under benchmarks/results/")
     args = parser.parse_args()
+    if args.data_seeds and len(args.data_seeds) != len(args.seeds):
+        parser.error(f"--data-seeds needs one value per seed ({len(args.seeds)}), got {len(args.data_seeds)}")
     out = Path("benchmarks/results") / args.name
     out.mkdir(parents=True, exist_ok=True)
-    cells = {f"{c.parent.name}/{c.stem}": [run_cell(out, c, seed, args.num_ranks, args.override) for seed in args.seeds]
+    data_seeds = args.data_seeds or [0] * len(args.seeds)
+    cells = {f"{c.parent.name}/{c.stem}": [run_cell(out, c, seed, args.num_ranks, args.override, data_seed)
+                                           for seed, data_seed in zip(args.seeds, data_seeds)]
              for c in args.configs}
     write_report(out, summarize(cells), "python -m benchmarks.accuracy " + " ".join(sys.argv[1:]))
     print((out / "results.md").read_text())
