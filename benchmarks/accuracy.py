@@ -89,7 +89,8 @@ def main() -> None:
     parser.add_argument("--data-seeds", nargs="+", type=int, default=[],
                         help="LM-BFF data seeds, one per --seeds entry")
     parser.add_argument("--num-ranks", type=int, default=1)
-    parser.add_argument("--override", nargs="*", default=[], help="--section.key=value flags for every cell")
+    parser.add_argument("--override", nargs="*", action="extend", default=[],
+                        help="--section.key=value flags for every cell (repeatable)")
     parser.add_argument("--name", default="accuracy", help="study folder under benchmarks/results/")
     args = parser.parse_args()
     if args.data_seeds and len(args.data_seeds) != len(args.seeds):
