@@ -300,3 +300,9 @@ def test_every_pretraining_yaml_loads_and_names_its_command(path: Path):
     load_pretrain_config(path)
     header = path.read_text().splitlines()[:5]
     assert any("ipt-ds pretrain" in line or "ipt_ds pretrain" in line for line in header), path
+
+
+def test_pretraining_config_reference_is_current():
+    from pretrain.configdoc import render
+
+    assert render() in (REPO / "docs" / "pretrain.md").read_text(), "paste `python -m pretrain.configdoc` there"
