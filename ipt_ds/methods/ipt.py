@@ -48,7 +48,8 @@ class IPTConfig(MethodConfig):
     instance: bool = True
     """Instance-wise prompts; false gives the task-level baseline of the chosen path."""
     instance_pretrain: bool = False
-    """Load the instance lookup table from emb_checkpoints instead of initialising it randomly."""
+    """Load the instance lookup table from emb_checkpoints instead of initialising it randomly, and the generator's
+    weights when emb_checkpoints has a generator of the type named by encoder."""
     encoder: Literal["", "cnn", "mlp", "lstm"] = ""
     """Generator applied to the instance vectors; empty: the looked-up rows are the prompt."""
     emb_checkpoints: str = ""
