@@ -149,3 +149,19 @@ def test_insertion_layer_outside_the_stack_is_a_clear_error(tiny_models):
     for layer in (0, 2):
         with pytest.raises(ValueError, match=r"method.layer .*layers 1..1"):
             build("bert", tiny_models, {"method.layer": layer})
+
+
+def test_checkpointing_above_the_insertion_layer_keeps_loss_and_gradients(tiny_models, data):
+    grads, calls = [], {}
+    for checkpointing in (False, True):
+        model, encoder = build("llama", tiny_models, {"model.gradient_checkpointing": checkpointing})
+        model.train()
+        upper = next(model.backbone._layer_stack()[1].children())  # a checkpointed layer reruns its children
+        upper.register_forward_hook(lambda *_, key=checkpointing: calls.__setitem__(key, calls.get(key, 0) + 1))
+        _, loss = model(batch_of(encoder, data["topic"]))
+        loss.backward()
+        grads.append((loss.detach(), [p.grad for p in model.method.parameters()]))
+    assert calls == {False: 1, True: 2}, "the layer above k is recomputed in backward under checkpointing"
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for checkpointed, plain in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-6)
