@@ -148,31 +148,32 @@ def save_resume_state(engine, directory: Path, step: int, client_state: dict, *,
                 shutil.rmtree(old, ignore_errors=True)
 
 
+def safe_torch_load(path, map_location=None):
+    """`torch.load(weights_only=True)` that also admits DeepSpeed's plain records; anything else is a ValueError."""
+    import importlib
+
+    allowed = [getattr(importlib.import_module(module), name) for module, name in _DEEPSPEED_RECORDS]
+    with torch.serialization.safe_globals(allowed):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"--run.resume: '{path}' holds objects other than tensors and DeepSpeed records "
+                             f"({str(err).strip().splitlines()[-1][:200]}); resume does not unpickle them") from None
+
+
 def load_resume_state(engine, directory: Path, *, rank: int, world: int) -> dict:
     """Load the checkpoint `latest` names into `engine` and this rank's random state; return the client state.
 
     DeepSpeed's files are read with `torch.load(weights_only=True)`: tensors and DeepSpeed's plain records only.
     Leftovers of a save that was cut short (directories `latest` does not name) are removed afterwards."""
-    import importlib
-
     tag = (directory / "latest").read_text().strip()
     missing = [f"rng_rank{r}.safetensors" for r in range(world) if not (directory / tag / f"rng_rank{r}.safetensors")
                .is_file()]
     if not tag or missing:
         raise ValueError(f"--run.resume: checkpoint '{directory / tag}' is incomplete (missing "
                          f"{', '.join(missing) or 'its name'}); it was not written by this version's checkpointing")
-    allowed = [getattr(importlib.import_module(module), name) for module, name in _DEEPSPEED_RECORDS]
     checkpoint_engine = engine.checkpoint_engine
-
-    def load(path, map_location=None):
-        with torch.serialization.safe_globals(allowed):
-            try:
-                return torch.load(path, map_location=map_location, weights_only=True)
-            except pickle.UnpicklingError as err:
-                raise ValueError(f"--run.resume: '{path}' holds objects other than tensors and DeepSpeed records "
-                                 f"({str(err).splitlines()[-1][:200]}); resume does not unpickle them") from None
-
-    checkpoint_engine.load = load
+    checkpoint_engine.load = safe_torch_load
     try:
         path, client = engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False)
     finally:

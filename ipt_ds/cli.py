@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 import yaml
 
@@ -56,8 +57,8 @@ def _user_errors(command):
             _shutdown_distributed()
             return result
         except ValueError as err:  # ConfigError included
-            if overrides.get("run.debug"):
-                raise
+            if _debug(overrides):
+                traceback.print_exc()
             print(f"error: {err}", file=sys.stderr)
             _exit(2)
         except Exception as err:
@@ -68,6 +69,16 @@ def _user_errors(command):
 
     wrapped.__doc__ = command.__doc__
     return wrapped
+
+
+def _debug(overrides: dict) -> bool:
+    """--run.debug as typed: fire hands `--run.debug=false` over as the (truthy) string 'false'."""
+    from ipt_ds.confload import convert
+
+    try:
+        return convert(overrides.get("run.debug", False), bool)
+    except ValueError:
+        return False
 
 
 def _exit(code: int) -> None:

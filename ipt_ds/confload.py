@@ -29,6 +29,9 @@ def load_yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
         text = path.read_text()
     except OSError as err:
         raise ConfigError([f"{path}: cannot read config file ({err.strerror}); check the path"]) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError([f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as UTF-8"]) \
+            from None
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)

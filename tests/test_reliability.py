@@ -63,6 +63,8 @@ def reference(setup):
     run = start(cfg, tmp / "reference")
     finish(run)
     assert "truncated to data.max_length=16 (longest first)" in run.output()  # the truncation policy is reported
+    exported = [p for p in (tmp / "reference" / "best").rglob("*") if p.is_file()]
+    assert exported and all(p.suffix in (".safetensors", ".json") for p in exported)  # no pickles to share
     result = ranks.losses(tmp / "reference")
     assert sorted(result) == list(range(1, NUM_STEPS + 1))
     return result
