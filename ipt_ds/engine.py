@@ -146,13 +146,14 @@ class NonFiniteError(ValueError):
     """A NaN/inf loss, gradient or weight that stops the run (a ValueError: one `error:` line, exit status 2)."""
 
 
-def step_was_finite(engine, loss: float, *, fp16: bool) -> bool:
-    """Whether every rank's loss was finite and the update was applied (DeepSpeed skips one with a non-finite
-    gradient norm; an fp16 loss scaler's skips are its normal calibration and do not count). All ranks agree."""
-    bad = not math.isfinite(loss) or (not fp16 and not engine.was_step_applied())
-    flag = torch.tensor([float(bad)], device=engine.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() == 0
+def nonfinite_step(engine, loss: float, *, fp16: bool) -> tuple[bool, bool]:
+    """(some rank's loss was NaN/inf, the update was withheld for a non-finite gradient), agreed by all ranks.
+    DeepSpeed withholds an update whose gradient norm is not finite; an fp16 loss scaler's withheld steps are its
+    normal calibration and do not count."""
+    flags = torch.tensor([float(not math.isfinite(loss)), float(not fp16 and not engine.was_step_applied())],
+                         device=engine.device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return bool(flags[0]), bool(flags[1])
 
 
 @dataclass

@@ -30,9 +30,9 @@ from ipt_ds.engine import (
     ds_dtype,
     fit_zero3_buckets,
     init_distributed,
+    nonfinite_step,
     resolve_ds_config,
     skip_nonfinite_updates,
-    step_was_finite,
 )
 from ipt_ds.metrics import compute_metrics
 from ipt_ds.model import PromptModel, build_model
@@ -223,10 +223,11 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
             state.micro_in_epoch += accumulation
             state.step += 1
             window_samples += cfg.train.batch_size
-            if step_was_finite(engine, loss, fp16=fp16):
-                window_loss += torch.tensor([loss, 1.0])
+            bad_loss, withheld = nonfinite_step(engine, loss, fp16=fp16)
+            if bad_loss or withheld:
+                _nonfinite_step(cfg, state, out, withheld=withheld)
             else:
-                _nonfinite_step(cfg, state, out)
+                window_loss += torch.tensor([loss, 1.0])
             if state.step % cfg.run.log_every == 0 or state.step == total_steps:
                 torch.distributed.all_reduce(window_loss)  # the loss of the global batch, not of one rank's share
                 loss = (window_loss[0] / window_loss[1]).item() if window_loss[1] else float("nan")
@@ -248,12 +249,15 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     return recipe.finish(engine, state, out, rank)
 
 
-def _nonfinite_step(cfg: Config, state: TrainState, out: Path) -> None:
-    """A step with a NaN/inf loss or gradient: stop (the default), or count it as skipped (its update was not made)."""
+def _nonfinite_step(cfg: Config, state: TrainState, out: Path, *, withheld: bool) -> None:
+    """A step with a NaN/inf loss or gradient: stop (the default), or go on (DeepSpeed withheld a non-finite update)."""
     if cfg.train.nonfinite == "stop":
         raise NonFiniteError(f"step {state.step}: the loss or the gradients are not finite (NaN/inf); stopped before "
                              f"anything of this step was saved (the checkpoints in '{out}/checkpoints' are from "
                              "earlier steps). Lower optim.lr, check this step's inputs, or set train.nonfinite=skip")
+    if not withheld:  # rare: an infinite loss whose gradients are finite; their update has been made
+        log.warning("step %d: non-finite loss, but finite gradients: the update was made", state.step)
+        return
     state.num_skipped += 1
     log.warning("step %d: non-finite loss or gradients; its update was skipped (%d skipped so far)", state.step,
                 state.num_skipped)
