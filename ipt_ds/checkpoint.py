@@ -120,13 +120,12 @@ def load_rng(path: Path, rank: int) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
-def trainable_weights_finite(model: torch.nn.Module) -> bool:
+def trainable_weights_finite(model: torch.nn.Module, device: torch.device) -> bool:
     """Whether every trainable weight is finite, agreed by all ranks (each checks what it holds: its ZeRO-3
-    partition, or the whole tensor)."""
+    partition, or the whole tensor). `device`: where the collective runs (the engine's)."""
     held = [getattr(p, "ds_tensor", None) if hasattr(p, "ds_tensor") else p
             for p in model.parameters() if p.requires_grad]
     bad = any(not bool(t.isfinite().all()) for t in held if t is not None)
-    device = next(model.parameters()).device
     flag = torch.tensor([float(bad)], device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return flag.item() == 0

@@ -12,9 +12,9 @@ How a multi-rank run can end badly, and what bounds each case:
 Peers are named by pid for ranks on this host; ranks on other hosts are only reported through their own logs.
 
 `IPT_DS_FAULT=KIND:RANK:STEP` injects one fault for the tests (see docs/reliability.md); unset, it costs nothing.
-KIND is `raise` / `hang` / `kill` at the start of step STEP (1-based) on rank RANK, `nan` (that rank's loss becomes
-NaN in step STEP), or `kill_in_save` (SIGKILL after the step-STEP checkpoint files are written, before `latest`
-moves to them).
+KIND is `raise` / `hang` at the start of step STEP (1-based) on rank RANK, `nan` (that rank's loss becomes NaN in
+step STEP), or `kill_in_save` (SIGKILL after the step-STEP checkpoint files are written, before `latest` moves to
+them). A SIGKILL anywhere else needs no hook: tests/ranks.py sends it from outside.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 log = logging.getLogger("ipt_ds")
 
 _rank = {"rank": 0, "world": 1, "step": 0, "peers": []}  # this process: its rank, the step in progress, peer pids
-FAULT_KINDS = ("raise", "hang", "kill", "nan", "kill_in_save")
+FAULT_KINDS = ("raise", "hang", "nan", "kill_in_save")
 
 
 def start(rank: int, world: int) -> None:
@@ -45,7 +45,7 @@ def start(rank: int, world: int) -> None:
 
 
 def begin_step(step: int) -> None:
-    """Note the step now running (for messages) and fire an injected raise / hang / kill fault."""
+    """Note the step now running (for messages) and fire an injected `raise` or `hang` fault."""
     _rank["step"] = step
     kind = _fault_here(step)
     if kind == "raise":
@@ -53,8 +53,6 @@ def begin_step(step: int) -> None:
     if kind == "hang":
         while True:
             time.sleep(60)
-    if kind == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def watch_loss(module: torch.nn.Module) -> None:

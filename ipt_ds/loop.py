@@ -264,7 +264,7 @@ def _nonfinite_step(cfg: Config, state: TrainState, out: Path, *, withheld: bool
 
 
 def _evaluate_and_save(engine, recipe: Recipe, state, out, meta, writer, rank) -> None:
-    if not checkpoint.trainable_weights_finite(engine.module):
+    if not checkpoint.trainable_weights_finite(engine.module, engine.device):
         raise NonFiniteError(f"step {state.step}: the trained weights hold NaN/inf; no checkpoint or export is "
                              f"written (those in '{out}' are from earlier steps). Lower optim.lr or check the inputs")
     metrics = recipe.evaluate(engine)

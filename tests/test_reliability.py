@@ -147,6 +147,28 @@ def test_a_nan_loss_stops_every_rank_or_its_update_is_skipped(setup):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_non_finite_weights_are_never_checkpointed_or_exported(tmp_path):
+    """The check before every save, in a 1-rank process group: it stops the run and nothing is written."""
+    from ipt_ds.engine import NonFiniteError, TrainState
+    from ipt_ds.loop import _evaluate_and_save
+
+    model = torch.nn.Linear(2, 2)
+    written = []
+    engine = SimpleNamespace(module=model, device=torch.device("cpu"),
+                             save_checkpoint=lambda *args, **kwargs: written.append("checkpoint"))
+    recipe = SimpleNamespace(evaluate=lambda engine: {"acc": 100.0},
+                             export=lambda *args: written.append("export"))
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        with torch.no_grad():
+            model.weight[0, 1] = float("inf")
+        with pytest.raises(NonFiniteError, match="step 7: the trained weights hold NaN/inf; no checkpoint or export"):
+            _evaluate_and_save(engine, recipe, TrainState(step=7), tmp_path, {}, None, 0)
+        assert written == [] and not (tmp_path / "checkpoints").exists()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_without_zero_a_nonfinite_gradient_changes_neither_weights_nor_optimizer_state():
     """The check given to the plain torch optimizer, which DeepSpeed steps directly without ZeRO."""
     weight = torch.nn.Parameter(torch.ones(3))
