@@ -12,7 +12,9 @@ shifts numerator and denominator alike. One process, no DeepSpeed: the study iso
 `roberta-large-shape` is a randomly initialised RoBERTa-large-sized encoder (24 layers, H = 1024; the MiniLM
 vocabulary), written once under the study's runs/ folder; random weights are fine for measuring speed and memory.
 A backbone may carry its own batch shape, `name:BxT` (batch B of T tokens); others use --batch-size x --seq-len.
-`--sweep` adds LPT at every insertion layer k of the first backbone, with the same step measurement.
+`--sweep` adds LPT at every insertion layer k of the first backbone, with the same step measurement;
+`--sweep-accuracy RUN_DIR...` adds the accuracy of finished LPT training runs (e.g. accuracy-study cells trained with
+`--override=--method.layer=K`), grouped by the `method.layer` in each run's config.yaml, to the same plot.
 Writes benchmarks/results/<name>/{results.json, results.md, step_cost.png}; finished cells are reused.
 """
 
@@ -143,24 +145,39 @@ def table(results: list[dict], baseline: str) -> list[str]:
     return lines
 
 
-def plot(out: Path, sweep: list[dict]) -> None:
+def accuracy_by_layer(run_dirs: list[Path]) -> dict[int, list[float]]:
+    """Eval accuracy of finished LPT runs, grouped by the insertion layer in their config.yaml."""
+    import yaml
+
+    found: dict[int, list[float]] = {}
+    for run in run_dirs:
+        if (run / "results.json").exists():
+            layer = yaml.safe_load((run / "config.yaml").read_text())["method"]["layer"]
+            found.setdefault(layer, []).append(json.loads((run / "results.json").read_text())["eval"]["acc"])
+    return dict(sorted(found.items()))
+
+
+def plot(out: Path, sweep: list[dict], accuracy: dict[int, list[float]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     layers = sorted({r["layer"] for r in sweep})
-    step = [statistics.median(r["step_s"] for r in sweep if r["layer"] == k) for k in layers]
-    growth = [statistics.median(r["peak_rss_mib"] - r["start_rss_mib"] for r in sweep if r["layer"] == k)
-              for k in layers]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    step = [statistics.median(r["step_s"] / next(b["step_s"] for b in sweep if b["repeat"] == r["repeat"]
+                                                   and b["layer"] == layers[0]) for r in sweep if r["layer"] == k)
+            for k in layers]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.plot(layers, step, marker="o", color="tab:blue")
     ax.set_xlabel("insertion layer k (layers below k run without autograd)")
-    ax.set_ylabel("step time (s)", color="tab:blue")
-    twin = ax.twinx()
-    twin.plot(layers, growth, marker="s", color="tab:red")
-    twin.set_ylabel("memory growth in training (MiB)", color="tab:red")
-    ax.set_title(f"LPT on {sweep[0]['backbone_name']}: cost against k")
+    ax.set_ylabel(f"step time / step time at k={layers[0]}", color="tab:blue")
+    if accuracy:
+        twin = ax.twinx()
+        twin.errorbar(list(accuracy), [statistics.mean(a) for a in accuracy.values()],
+                      yerr=[statistics.stdev(a) if len(a) > 1 else 0 for a in accuracy.values()],
+                      marker="s", color="tab:red", capsize=3)
+        twin.set_ylabel("accuracy (mean ± sd over seeds)", color="tab:red")
+    ax.set_title(f"LPT on {sweep[0]['backbone_name']}: step time and accuracy against k")
     fig.tight_layout()
     fig.savefig(out / "step_cost_sweep.png", dpi=120)
 
@@ -177,6 +194,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--sweep", action="store_true", help="LPT at every k of the first backbone")
+    parser.add_argument("--sweep-accuracy", nargs="*", type=Path, default=[], help="finished LPT run directories")
     parser.add_argument("--name", default="step_cost", help="study folder under benchmarks/results/")
     args = parser.parse_args()
     if args.cell:
@@ -205,7 +223,7 @@ def main() -> None:
                         "label": f"lpt k={k}", "repeat": repeat, "overrides": {**METHODS["lpt"], "method.layer": k},
                         **first}
                 sweep.append(run_cell(out, cell))
-        plot(out, sweep)
+        plot(out, sweep, accuracy_by_layer(args.sweep_accuracy))
     command = "python -m benchmarks.step_cost " + " ".join(sys.argv[1:])
     lines = [f"Command: `{command}`", f"Date: {time.strftime('%Y-%m-%d')}",
              f"fp32, {args.steps} timed steps after {args.warmup} warm-up, {args.repeats} interleaved repeats; "
@@ -215,7 +233,13 @@ def main() -> None:
                   *table(rows, args.methods[0]), ""]
     if sweep:
         lines += [f"### LPT insertion layer sweep on {sweep[0]['backbone_name']} (baseline k=1)", "",
-                  *table(sweep, "lpt k=1"), "", "![sweep](step_cost_sweep.png)", ""]
+                  *table(sweep, "lpt k=1"), ""]
+        accuracy = accuracy_by_layer(args.sweep_accuracy)
+        if accuracy:
+            lines += ["| k | eval accuracy (mean ± sd) | runs |", "|---|---|---|"]
+            lines += [f"| {k} | {statistics.mean(a):.1f} ± {statistics.stdev(a) if len(a) > 1 else 0:.1f} | {len(a)} |"
+                      for k, a in accuracy.items()]
+        lines += ["", "![sweep](step_cost_sweep.png)", ""]
     (out / "results.json").write_text(json.dumps({"results": results, "sweep": sweep}, indent=2))
     (out / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))

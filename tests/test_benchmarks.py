@@ -62,3 +62,13 @@ def test_step_cost_study_reuses_finished_cells(tmp_path):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "x-lpt-r0.json").write_text(json.dumps(done))
     assert step_cost.run_cell(tmp_path, {"id": "x-lpt-r0", "backbone": "does-not-exist"}) == done
+
+
+def test_sweep_accuracy_groups_finished_runs_by_insertion_layer(tmp_path):
+    for name, layer, acc in [("a", 1, 70.0), ("b", 1, 74.0), ("c", 3, 80.0), ("unfinished", 5, None)]:
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text(f"method:\n  name: lpt\n  layer: {layer}\n")
+        if acc is not None:
+            (run / "results.json").write_text(json.dumps({"eval": {"acc": acc}}))
+    assert step_cost.accuracy_by_layer(sorted(tmp_path.iterdir())) == {1: [70.0, 74.0], 3: [80.0]}
