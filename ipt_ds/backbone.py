@@ -225,7 +225,7 @@ class Backbone(nn.Module):
         if model_type not in LAYER_INPUT or getattr(getattr(self.base, "encoder", None), "conv", None) is not None:
             raise ValueError(f"late prompt insertion does not support '{model_type}' backbones; "
                              f"supported: {sorted(LAYER_INPUT)} (DeBERTa without conv layers)")
-        stack = self._layer_stack()
+        stack = self.layer_stack()
         captured = []
         hook = stack[layer - 1].register_forward_hook(
             lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
@@ -246,7 +246,8 @@ class Backbone(nn.Module):
             # Where the embeddings' output is replaced, what they make of the input is unused: keep autograd out.
             return self.encode(entering if input_module is None else entering.detach(), mask, token_type_ids)
 
-    def _layer_stack(self) -> nn.ModuleList:
+    def layer_stack(self) -> nn.ModuleList:
+        """The ModuleList of transformer layers (BERT encoder.layer, GPT-2 h, LLaMA layers, ...)."""
         return getattr(*self._layer_stack_owner())
 
     def _layer_stack_owner(self) -> tuple[nn.Module, str]:
@@ -275,9 +276,10 @@ class Backbone(nn.Module):
 
 
 def load_backbone(
-    cfg: ModelConfig, *, dtype: torch.dtype, with_lm_head: bool, ds_config: dict | None = None
+    cfg: ModelConfig, *, dtype: torch.dtype, with_lm_head: bool, ds_config: dict | None = None, empty: bool = False
 ) -> tuple[Backbone, object]:
-    """Load model + tokenizer. With a ZeRO-3 `ds_config` the model is created already partitioned across ranks."""
+    """Load model + tokenizer. With a ZeRO-3 `ds_config` the model is created already partitioned across ranks.
+    `empty`: build it from its config on the meta device instead (shapes only, no weights read; for estimates)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     path, gguf_file = resolve_model_path(cfg)
@@ -302,7 +304,11 @@ def load_backbone(
 
         # Must exist before from_pretrained and stay referenced: transformers then builds the model partitioned.
         keep_alive = HfDeepSpeedConfig(ds_config)
-    model = model_cls.from_pretrained(path, dtype=dtype, **common)
+    if empty:
+        with torch.device("meta"):
+            model = model_cls.from_config(hf_config, dtype=dtype, **common)
+    else:
+        model = model_cls.from_pretrained(path, dtype=dtype, **common)
     tokenizer = AutoTokenizer.from_pretrained(path, **common)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # decoders ship without one; padding is masked anyway

@@ -107,7 +107,7 @@ def test_no_autograd_below_the_insertion_layer(family, tiny_models, data):
     model, encoder = build(family, tiny_models, {})
     batch = batch_of(encoder, data["topic"])
     needs_grad = {}
-    layers = model.backbone._layer_stack()
+    layers = model.backbone.layer_stack()
     for index, layer in enumerate(layers):
         layer.register_forward_hook(lambda m, a, out, index=index: needs_grad.__setitem__(
             index, (out[0] if isinstance(out, tuple) else out).requires_grad))
@@ -156,7 +156,7 @@ def test_checkpointing_above_the_insertion_layer_keeps_loss_and_gradients(tiny_m
     for checkpointing in (False, True):
         model, encoder = build("llama", tiny_models, {"model.gradient_checkpointing": checkpointing})
         model.train()
-        upper = next(model.backbone._layer_stack()[1].children())  # a checkpointed layer reruns its children
+        upper = next(model.backbone.layer_stack()[1].children())  # a checkpointed layer reruns its children
         upper.register_forward_hook(lambda *_, key=checkpointing: calls.__setitem__(key, calls.get(key, 0) + 1))
         _, loss = model(batch_of(encoder, data["topic"]))
         loss.backward()
