@@ -5,6 +5,7 @@
   ipt-ds predict RUN/best --input=F --output=F.jsonl predictions for a labelled or unlabelled file
   ipt-ds predict-mixed --exports=a=DIR,b=DIR --input=F --output=F.jsonl   rows of several tasks, one backbone
   ipt-ds estimate CONFIG.yaml [--key=value ...]      trainable / total parameter counts before a run
+  ipt-ds estimate-memory CONFIG.yaml [--world_size=N] per-rank memory before a run (frozen-aware)
   ipt-ds show-config CONFIG.yaml [--key=value ...]   print the resolved configuration
   ipt-ds methods | tasks                             list what is registered
   ipt-ds pretrain CONFIG.yaml | build-corpus ...     commands of installed plugins (here `pretrain/`, docs/pretrain.md)
@@ -148,6 +149,23 @@ def estimate(config: str | None = None, **overrides):
 
 
 @_user_errors
+def estimate_memory(config: str | None = None, world_size: int = 1, batch_size: int | None = None,
+                    seq_len: int | None = None, stage: int | None = None, dtype: str | None = None,
+                    offload: str | None = None, accelerator: str | None = None, **overrides):
+    """Print one rank's memory for CONFIG on --world_size ranks (builds the model on the meta device, reads no weights).
+
+    --batch_size: per-rank micro-batch (default train.micro_batch_size); --seq_len: tokens per input before prompt
+    positions (default data.max_length); --stage 0-3, --dtype fp32|bf16|fp16, --offload none|optimizer|all default to
+    the DeepSpeed JSON; --accelerator cpu|cuda defaults to cpu when DS_ACCELERATOR=cpu."""
+    from ipt_ds.config import load_config
+    from ipt_ds.memory import report
+
+    table, *_ = report(load_config(config, overrides), world_size=world_size, batch_size=batch_size, seq_len=seq_len,
+                       stage=stage, dtype=dtype, offload=offload, accelerator=accelerator)
+    print(table)
+
+
+@_user_errors
 def show_config(config: str | None = None, **overrides):
     """Print the resolved configuration (defaults < YAML < flags)."""
     from ipt_ds.config import load_config
@@ -190,7 +208,7 @@ def main() -> None:
     try:
         fire.Fire({**_plugin_commands(), "train": train, "evaluate": evaluate, "predict": predict,
                    "estimate": estimate, "show-config": show_config, "methods": methods, "tasks": tasks,
-                   "predict-mixed": predict_mixed})
+                   "predict-mixed": predict_mixed, "estimate-memory": estimate_memory})
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

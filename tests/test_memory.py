@@ -1,0 +1,179 @@
+"""The per-rank memory estimate: its arithmetic, its activation count against what autograd saves, and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ipt_ds.memory import MIB, Job, ModelShape, estimate, saved_per_token
+from tests.conftest import write_config
+
+
+def shape(frozen: int = 0, trainable: int = 0, **sizes) -> ModelShape:
+    """One frozen and one trainable module of the given sizes, on a 4-layer, 64-wide transformer."""
+    units = tuple((((n, trains),), True) for n, trains in ((frozen, False), (trainable, True)) if n)
+    defaults = dict(hidden_size=64, intermediate_size=256, num_heads=4, num_layers_with_grad=4, gated_mlp=False,
+                    linear_inputs_kept=False)
+    return ModelShape(units=units, **{**defaults, **sizes})
+
+
+def job(**settings) -> Job:
+    return Job(**{**dict(world_size=1, micro_batch_size=2, eval_batch_size=2, seq_len=16, stage=2, dtype_bytes=4),
+                  **settings})
+
+
+def parts(model: ModelShape, run: Job) -> dict[str, float]:
+    return {p.name: p.bytes for p in estimate(model, run)}
+
+
+def state_bytes(p: dict[str, float]) -> float:
+    return sum(p[k] for k in ("trainable weights", "fp32 master weights", "gradients", "Adam moments"))
+
+
+def test_zero3_divides_frozen_weights_by_the_world_size_and_zero2_does_not():
+    model = shape(frozen=10_000_000)
+    for ranks in (1, 2, 8):
+        assert parts(model, job(stage=3, world_size=ranks))["frozen weights"] == 40_000_000 / ranks
+        assert parts(model, job(stage=2, world_size=ranks))["frozen weights"] == 40_000_000
+
+
+def test_zero3_keeps_parameters_under_the_persistence_threshold_whole():
+    model = ModelShape(units=((((1000, False), (10_000_000, False)), True),), hidden_size=64, intermediate_size=256,
+                       num_heads=4, num_layers_with_grad=4, gated_mlp=False, linear_inputs_kept=False)
+    assert parts(model, job(stage=3, world_size=4))["frozen weights"] == 4 * (1000 + 10_000_000 / 4)
+
+
+def test_frozen_parameters_add_no_gradient_or_optimizer_bytes():
+    frozen_only = parts(shape(frozen=10_000_000), job(stage=2, world_size=2))
+    assert state_bytes(frozen_only) == 0 and frozen_only["gradient reduce bucket"] == 0
+    with_prompt = parts(shape(frozen=10_000_000, trainable=1000), job(stage=2, world_size=2))
+    assert with_prompt["Adam moments"] == 8 * 1000 / 2
+    assert with_prompt["frozen weights"] == frozen_only["frozen weights"]
+
+
+@pytest.mark.parametrize(("stage", "dtype_bytes", "ranks", "bytes_per_param"), [
+    (0, 4, 1, 4 + 4 + 8),          # fp32 without ZeRO: weights, gradients, Adam moments (no master copy)
+    (0, 2, 1, 2 + 4 + 2 + 8),      # bf16 without ZeRO: the classic 16 bytes of mixed-precision Adam
+    (2, 4, 4, 4 + (4 + 4 + 8) / 4),  # ZeRO-2: weights whole, master, gradients and moments partitioned
+    (3, 4, 4, (4 + 4 + 4 + 8) / 4),  # ZeRO-3: everything partitioned
+])
+def test_full_finetuning_pays_for_every_parameter(stage, dtype_bytes, ranks, bytes_per_param):
+    p = parts(shape(trainable=10_000_000), job(stage=stage, dtype_bytes=dtype_bytes, world_size=ranks))
+    assert state_bytes(p) == pytest.approx(10_000_000 * bytes_per_param)
+
+
+def test_offloading_the_optimizer_moves_its_state_to_the_host():
+    model = shape(trainable=1_000_000)
+    on_host = {p.name for p in estimate(model, job(stage=2, offload_optimizer=True)) if p.where == "host"}
+    assert {"fp32 master weights", "gradients", "Adam moments"} <= on_host
+    assert "trainable weights" not in on_host
+
+
+def test_activations_scale_with_the_batch_and_the_layers_in_autograd():
+    model = shape(frozen=1_000_000, trainable=100)
+    base = parts(model, job(micro_batch_size=2))["activations kept for backward"]
+    assert parts(model, job(micro_batch_size=4))["activations kept for backward"] == 2 * base
+    late = dataclasses.replace(model, num_layers_with_grad=1)  # a prompt entering at layer 3 of 4
+    assert parts(late, job(micro_batch_size=2))["activations kept for backward"] == base / 4
+    probe = dataclasses.replace(model, num_layers_with_grad=0)  # nothing trainable inside the backbone
+    assert parts(probe, job())["activations kept for backward"] == parts(probe, job())["working memory"] == 0
+    checkpointed = dataclasses.replace(model, gradient_checkpointing=True)
+    assert parts(checkpointed, job())["activations kept for backward"] == 4 * 2 * 16 * 64 * 4  # layer inputs only
+
+
+@pytest.mark.parametrize("bad", [dict(world_size=0), dict(micro_batch_size=0), dict(stage=4),
+                                 dict(stage=2, offload_param=True)])
+def test_bad_job_settings_are_value_errors(bad):
+    with pytest.raises(ValueError, match="world_size must be >= 1|batch_size must be >= 1|stage must be|needs ZeRO"):
+        job(**bad)
+
+
+def saved_bytes_per_layer(model: torch.nn.Module, hidden: int, num_tokens: tuple[int, int]) -> float:
+    """Bytes autograd saves for one forward of `model` on embeddings with a padded mask, weights excluded."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    batch, seq = num_tokens
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[:, -3:] = 0
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(inputs_embeds=torch.randn(batch, seq, hidden, requires_grad=True), attention_mask=mask)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("weights_train", [False, True])
+def test_saved_activations_match_what_autograd_keeps(family, weights_train):
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+
+    hidden, inter, heads, batch, seq = 64, 256, 4, 2, 32
+    torch.manual_seed(0)
+
+    def build(num_layers: int) -> torch.nn.Module:
+        if family == "bert":
+            model = BertModel(BertConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                                         num_hidden_layers=num_layers, vocab_size=100), add_pooling_layer=False)
+        else:
+            model = LlamaModel(LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                                           num_key_value_heads=2, num_hidden_layers=num_layers, vocab_size=100))
+        return model.eval().requires_grad_(weights_train)
+
+    # one layer = the difference between a 3-layer and a 2-layer model (embeddings and final norm cancel)
+    measured = (saved_bytes_per_layer(build(3), hidden, (batch, seq)) -
+                saved_bytes_per_layer(build(2), hidden, (batch, seq))) / (batch * seq)
+    model = ModelShape(units=(), hidden_size=hidden, intermediate_size=inter, num_heads=heads, num_layers_with_grad=1,
+                       gated_mlp=family == "llama", linear_inputs_kept=weights_train)
+    # RMSNorm with a trained weight also keeps its normalized input (2H), which the estimate leaves out
+    assert saved_per_token(model, job(seq_len=seq)) == pytest.approx(measured, rel=0.1)
+
+
+def tiny_config(tmp_path, model_dir, **method) -> str:
+    return str(write_config(tmp_path / "cfg.yaml", {
+        "model": {"name_or_path": str(model_dir)},
+        "method": method or {"name": "prompt_tuning", "num_virtual_tokens": 4},
+        "data": {"task": "rte", "max_length": 64},
+        "train": {"batch_size": 16, "micro_batch_size": 8},
+    }))
+
+
+def test_report_reads_the_built_model(tmp_path, tiny_bert):
+    from ipt_ds.config import load_config
+    from ipt_ds.memory import report
+
+    def layers_in_autograd(**method) -> str:
+        table, _, run = report(load_config(tiny_config(tmp_path, tiny_bert, **method)), world_size=2)
+        return table.split(" layers in autograd")[0].rsplit("(", 1)[1], run.seq_len
+
+    assert layers_in_autograd() == ("2", 64 + 4)  # the prompt enters at the input: every layer
+    assert layers_in_autograd(name="linear_probe") == ("0", 64)  # nothing trains inside the backbone
+    assert layers_in_autograd(name="lpt", layer=1, num_tokens=3) == ("1", 64 + 3)  # late prompt at layer 1 of 2
+    cfg = load_config(tiny_config(tmp_path, tiny_bert))
+    z2 = {p.name: p.bytes for p in report(cfg, world_size=2, stage=2)[1]}
+    z3 = {p.name: p.bytes for p in report(cfg, world_size=2, stage=3)[1]}
+    assert z3["frozen weights"] < 0.6 * z2["frozen weights"]
+    assert z2["Adam moments"] == pytest.approx(8 * (4 * 32 + 32 * 2 + 2) / 2)  # prompt (4 x H) + linear head, 2 ranks
+
+
+def test_cli_prints_the_table_and_rejects_bad_input(tmp_path, tiny_bert, capsys):
+    from ipt_ds import cli
+
+    config = tiny_config(tmp_path, tiny_bert)
+    cli.estimate_memory(config, world_size=2, **{"deepspeed.config": "ds_configs/zero3.json",
+                                                 "train.micro_batch_size": 4})
+    out = capsys.readouterr().out
+    assert "ZeRO-3" in out and "micro-batch 4 x 68" in out
+    total = next(line for line in out.splitlines() if "total per rank" in line)
+    assert float(total.split()[3].replace(",", "")) * MIB > 500 * MIB  # the process overhead alone is 500 MiB
+    for flags, message in (({"world_size": 0}, "world_size must be >= 1"), ({"offload": "disk"}, "--offload must be"),
+                           ({"stage": 5}, "stage must be 0, 1, 2 or 3")):
+        with pytest.raises(SystemExit) as exit_status:
+            cli.estimate_memory(config, **flags)
+        assert exit_status.value.code == 2 and message in capsys.readouterr().err
