@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import accuracy, step_cost
+from benchmarks import accuracy, peft_reference, peft_speed, step_cost
 
 
 def cell(eval_acc: float, test_acc: float | None = None) -> dict:
@@ -72,3 +72,104 @@ def test_sweep_accuracy_groups_finished_runs_by_insertion_layer(tmp_path):
         if acc is not None:
             (run / "results.json").write_text(json.dumps({"eval": {"acc": acc}}))
     assert step_cost.accuracy_by_layer(sorted(tmp_path.iterdir())) == {1: [70.0, 74.0], 3: [80.0]}
+
+
+def reference_cell(acc: float) -> dict:
+    return {"task": "cb", "method": "prefix", "eval": {"acc": acc}, "eval_majority_acc": 50.0,
+            "parameters": {"trainable": 1287811}}
+
+
+def test_peft_reference_table_puts_both_rows_side_by_side(tmp_path):
+    peft = {"prefix": peft_reference.summarize([reference_cell(70.0), reference_cell(74.0)])}
+    ours = {"prefix": accuracy.summarize({"cb/prefix_minilm": [reference_cell(72.0), reference_cell(72.0)]})[0]}
+    lines = peft_reference.combined_table(ours, peft)
+    assert lines[2] == ("| prefix | cb/prefix_minilm | 1,287,811 | 72.0 ± 0.0 (2) | PrefixTuningConfig (projection) | "
+                        "1,287,811 | 72.0 ± 2.8 (2) | +0.0 |")
+    peft_reference.write_report(tmp_path, ours, peft, "python -m benchmarks.peft_reference ...")
+    assert lines[2] in (tmp_path / "results.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["peft"]["prefix"]["scores"] == [70.0, 74.0]
+    assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_peft_reference_reuses_finished_cells_on_both_sides(tmp_path):
+    run = tmp_path / "runs" / "peft-prefix-seed7"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps(reference_cell(66.0)))
+    assert peft_reference.run_cell(tmp_path, "prefix", 7, epochs=3)["eval"]["acc"] == 66.0
+    # Ours: a method the accuracy study lacks comes from this study's own cached cells (no training when present).
+    ours = tmp_path / "ours" / "runs" / "cb-full_minilm-seed7"
+    ours.mkdir(parents=True)
+    (ours / "results.json").write_text(json.dumps(reference_cell(71.0)))
+    study = tmp_path / "accuracy.json"
+    study.write_text(json.dumps([{"config": "cb/prefix_minilm", "mean": 72.0}]))
+    rows = peft_reference.our_rows(tmp_path, ["prefix", "full"], [7], 3, study)
+    assert rows["prefix"]["mean"] == 72.0 and rows["full"]["mean"] == 71.0
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix", "full"])
+def test_peft_reference_model_is_ours_given_the_same_weights(tiny_bert, method):
+    """PEFT's wrapper and our model compute the same logits from the same weights: the heads match (mean over the
+    real tokens), and so do where the prompt goes and how the prefix table is laid out."""
+    import torch
+
+    from benchmarks import peft_trainer
+    from ipt_ds.config import load_config
+    from ipt_ds.data.encode import collate
+    from ipt_ds.data.tasks import Example, get_task
+    from ipt_ds.model import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config(Path(peft_reference.CONFIGS[method]), {"model.name_or_path": str(tiny_bert)})
+    task = get_task("cb")
+    ours, encoder = build_model(cfg, task, dtype=torch.float32, ds_config=None)
+    theirs, _ = peft_trainer.build_model(cfg, len(task.label_names))
+    copies = {"head.linear": "classifier"}
+    if method == "prompt_tuning":
+        copies |= {"method.prompt": "prompt_encoder.default.embedding.weight"}
+    if method == "prefix":
+        copies |= {"method.embedding": "prompt_encoder.default.embedding.weight",
+                   "method.mlp.0": "prompt_encoder.default.transform.0",
+                   "method.mlp.2": "prompt_encoder.default.transform.2"}
+    # PEFT keeps a frozen original of the head and trains a copy under modules_to_save.
+    their_params = {name.replace("modules_to_save.default.", ""): p for name, p in theirs.named_parameters()
+                    if "original_module" not in name}
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            for mine, target in copies.items():
+                if name.startswith(mine):
+                    suffix = target + name[len(mine):]
+                    (theirs_p,) = [q for key, q in their_params.items() if key.endswith(suffix)]
+                    theirs_p.copy_(p)
+    examples = [Example(guid=str(i), text_a=a, text_b=b, label=0) for i, (a, b) in
+                enumerate([("the cat sat on the mat", "a cat sat"), ("dogs bark", "the dog is loud and barks often")])]
+    batch = collate([encoder(e) for e in examples], encoder.tokenizer.pad_token_id)
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        mine, _ = ours(batch)
+        other = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       token_type_ids=batch["token_type_ids"]).logits
+    torch.testing.assert_close(other, mine, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_speed_table_takes_ratios_within_each_repeat(tmp_path):
+    def speed(label, repeat, rate, peak):
+        return {"label": label, "repeat": repeat, "method": "prefix", "samples_per_s": rate, "peak_rss_mib": peak,
+                "trainable": 10}
+
+    # Repeat 1 ran on a machine half as fast: the within-repeat ratio stays 1.5.
+    results = [speed("ours", 0, 6.0, 900.0), speed("peft", 0, 4.0, 1000.0),
+               speed("peft", 1, 2.0, 1000.0), speed("ours", 1, 3.0, 800.0)]
+    assert peft_speed.table(results)[2] == "| prefix | 10 | 4.50 | 3.00 | 1.50 ± 0.00 | 850 | 1,000 | 0.85 ± 0.05 | 2 |"
+    log = tmp_path / "log.jsonl"  # windows of equal samples: the rate over both is their harmonic mean
+    log.write_text("".join(json.dumps(r) + "\n" for r in [{"step": 10, "train/samples_per_s": 100.0},
+                                                         {"step": 20, "train/samples_per_s": 2.0},
+                                                         {"step": 20, "eval/acc": 50.0},
+                                                         {"step": 30, "train/samples_per_s": 6.0}]))
+    assert peft_speed.logged_rate(log, window=10) == pytest.approx(3.0)
+
+
+def test_peft_speed_reuses_finished_cells(tmp_path):
+    done = {"id": "prefix-ours-s30-w10-r0", "samples_per_s": 5.0}
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "prefix-ours-s30-w10-r0.json").write_text(json.dumps(done))
+    assert peft_speed.run_cell(tmp_path, {"id": "prefix-ours-s30-w10-r0", "method": "missing"}) == done
