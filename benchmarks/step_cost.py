@@ -3,19 +3,20 @@
     python -m benchmarks.step_cost [--backbones minilm roberta-large-shape:4x64] [--methods ptuning_v2 lpt full]
         [--repeats 3] [--batch-size 8] [--seq-len 128] [--steps 4] [--sweep]
 
-Each measurement is one fresh process (`--cell`), so peak memory is its own: build the model, reset the kernel's
-peak-RSS mark (/proc/self/clear_refs), run warm-up + timed steps of forward, backward and AdamW on one fixed batch
-(random token ids of the full length: speed and memory do not depend on the text), and report the median step time,
-the RSS at the start of training (weights and optimizer) and the peak RSS during the steps. Cells run interleaved
-(A B C A B C ...), and every ratio is taken within one repeat, against the first method, so that a noisy machine
-shifts numerator and denominator alike. One process, no DeepSpeed: the study isolates what the method costs.
+Each measurement is one fresh process (`--cell`), so peak memory is its own: build the model, run the warm-up steps
+(they also page in weights that loading left memory-mapped), reset the kernel's peak-RSS mark
+(/proc/self/clear_refs), then run the timed steps of forward, backward and AdamW on one fixed batch (random token ids
+of the full length: speed and memory do not depend on the text), and report the median step time, the RSS before the
+timed steps (weights, optimizer state) and the peak RSS during them; their difference is what training adds. Cells
+run interleaved (A B C A B C ...), and every ratio is taken within one repeat, against the first method, so that a
+noisy machine shifts numerator and denominator alike. One process, no DeepSpeed: it isolates what the method costs.
 `roberta-large-shape` is a randomly initialised RoBERTa-large-sized encoder (24 layers, H = 1024; the MiniLM
 vocabulary), written once under the study's runs/ folder; random weights are fine for measuring speed and memory.
 A backbone may carry its own batch shape, `name:BxT` (batch B of T tokens); others use --batch-size x --seq-len.
 `--sweep` adds LPT at every insertion layer k of the first backbone, with the same step measurement;
 `--sweep-accuracy RUN_DIR...` adds the accuracy of finished LPT training runs (e.g. accuracy-study cells trained with
 `--override=--method.layer=K`), grouped by the `method.layer` in each run's config.yaml, to the same plot.
-Writes benchmarks/results/<name>/{results.json, results.md, step_cost.png}; finished cells are reused.
+Writes benchmarks/results/<name>/{results.json, results.md, step_cost_sweep.png}; finished cells are reused.
 """
 
 from __future__ import annotations
@@ -85,18 +86,21 @@ def measure(cell: dict) -> dict:
              "token_type_ids": torch.zeros(batch_size, seq_len, dtype=torch.long),
              "labels": torch.randint(0, 2, (batch_size,))}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    Path("/proc/self/clear_refs").write_text("5")  # peak RSS (VmHWM) := current RSS
-    start_rss = rss_mib("VmRSS")
-    times = []
-    for _ in range(cell["warmup"] + cell["steps"]):
+    def step() -> float:
         begin = time.perf_counter()
         _, loss = model(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - begin)
+        return time.perf_counter() - begin
+
+    for _ in range(cell["warmup"]):  # also pages in weights that loading left memory-mapped, and the optimizer state
+        step()
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS (VmHWM) := current RSS
+    start_rss = rss_mib("VmRSS")
+    times = [step() for _ in range(cell["steps"])]
     counts = model.parameter_report()
-    return {**cell, "step_s": statistics.median(times[cell["warmup"]:]), "start_rss_mib": start_rss,
+    return {**cell, "step_s": statistics.median(times), "start_rss_mib": start_rss,
             "peak_rss_mib": rss_mib("VmHWM"), "trainable": counts["trainable"], "backbone": counts["backbone"],
             "layer": getattr(model.method, "layer", None), "num_layers": model.backbone.num_layers}
 
