@@ -13,7 +13,8 @@ parameter trains, at 16 to 18 bytes each; with a frozen backbone most parameters
 - activations autograd keeps, per layer from what each op saves (`saved_per_token`), for the layers at and above the
   first trainable part: none for a linear probe, L - k for a prompt entering at layer k, all L for one at the input;
 - working memory: one layer's gradients plus forward temporaries (on a GPU one layer's; on a CPU every layer's, since
-  glibc keeps the blocks freed below live tensors); the evaluation forward (`train.eval_batch_size`, no autograd);
+  glibc keeps the blocks freed below live tensors, and under ZeRO-3 the first step's per-module gathers likewise);
+  the evaluation forward (`train.eval_batch_size`, no autograd); the optimizer step's temporaries;
 - a fixed process overhead.
 Not counted: transients while loading and flattening at start, deep prompts' key/value prefixes, the CUDA context.
 """
@@ -181,6 +182,10 @@ def estimate(shape: ModelShape, job: Job) -> list[Part]:
     if stage == 3:
         parts.append(Part("gathered parameters (ZeRO-3)", gathered * width, "accelerator",
                           f"{gathered:,} elements held whole at the end of the forward"))
+    if stage == 3 and job.accelerator == "cpu":
+        # The first step gathers and frees each module between the activations it saves; glibc keeps those blocks.
+        parts.append(Part("first step's freed gathers (ZeRO-3, CPU)", gathered * width, "accelerator",
+                          "the same modules once more, as free heap"))
 
     tokens = job.micro_batch_size * job.seq_len * job.sequences_per_example
     layers = shape.num_layers_with_grad
@@ -210,20 +215,29 @@ def estimate(shape: ModelShape, job: Job) -> list[Part]:
     parts.append(Part("evaluation forward", evaluation, "accelerator",
                       f"one layer at eval batch {job.eval_batch_size}" + (" + modules kept gathered" if eval_gathered
                                                                           else "")))
+    # The step flattens this rank's gradients into one fp32 tensor (ZeRO-1/2/3), and Adam builds its denominator
+    # sqrt(v) + eps as a new tensor the size of what it updates: the whole partition, or one parameter without ZeRO.
+    largest_trainable = max((n for n, trains in params if trains), default=0)
+    step = trainable * 4 * 2 / ranks if stage >= 1 else largest_trainable * 4
+    if job.accelerator == "cuda":
+        step = max(0.0, step - training_transient)
+    parts.append(Part("optimizer step temporaries", step, state_where,
+                      "flat fp32 gradients + Adam's denominator" if stage >= 1 else "Adam's denominator"))
     parts.append(Part("process (python, torch, DeepSpeed, tokenizer)", PROCESS_OVERHEAD_BYTES, "host",
                       "measured RSS of a tiny-model run"))
     return parts
 
 
-def format_table(parts: list[Part], title: str) -> str:
+def format_table(parts: list[Part], title: str, *, accelerator: str) -> str:
     lines = [title, f"  {'part':<46} {'MiB':>10}  {'where':<11}  how"]
     for part in parts:
         lines.append(f"  {part.name:<46} {part.bytes / MIB:>10,.1f}  {part.where:<11}  {part.how}")
-    for where in ("accelerator", "host"):
-        total = sum(p.bytes for p in parts if p.where == where)
-        lines.append(f"  {'total on ' + where:<46} {total / MIB:>10,.1f}")
-    lines.append(f"  {'total per rank':<46} {sum(p.bytes for p in parts) / MIB:>10,.1f}"
-                 "  (all of it is process RSS on a CPU run)")
+    if accelerator == "cpu":  # one memory: the process's RSS
+        lines.append(f"  {'total per rank (peak RSS)':<46} {sum(p.bytes for p in parts) / MIB:>10,.1f}")
+    else:
+        for where in ("accelerator", "host"):
+            total = sum(p.bytes for p in parts if p.where == where)
+            lines.append(f"  {'total per rank on the ' + where:<46} {total / MIB:>10,.1f}")
     return "\n".join(lines)
 
 
@@ -340,4 +354,4 @@ def report(cfg, *, world_size: int = 1, batch_size: int | None = None, seq_len: 
     title = (f"per-rank memory: {cfg.method.name} on {cfg.model.name_or_path}, ZeRO-{job.stage}, "
              f"{8 * width}-bit weights, {world_size} rank(s), micro-batch {job.micro_batch_size} x {job.seq_len} "
              f"positions ({shape.num_layers_with_grad} layers in autograd), {job.accelerator}")
-    return format_table(parts, title), parts, job
+    return format_table(parts, title, accelerator=job.accelerator), parts, job

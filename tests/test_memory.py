@@ -51,6 +51,17 @@ def test_frozen_parameters_add_no_gradient_or_optimizer_bytes():
     with_prompt = parts(shape(frozen=10_000_000, trainable=1000), job(stage=2, world_size=2))
     assert with_prompt["Adam moments"] == 8 * 1000 / 2
     assert with_prompt["frozen weights"] == frozen_only["frozen weights"]
+    assert frozen_only["optimizer step temporaries"] == 0
+    assert with_prompt["optimizer step temporaries"] == 2 * 4 * 1000 / 2  # flat fp32 gradients + Adam's denominator
+
+
+def test_a_cpu_run_counts_what_glibc_keeps_and_a_gpu_run_does_not():
+    model = shape(frozen=10_000_000, trainable=1000)
+    cpu = parts(model, job(stage=3, world_size=2))
+    gpu = parts(model, job(stage=3, world_size=2, accelerator="cuda"))
+    assert cpu["first step's freed gathers (ZeRO-3, CPU)"] == cpu["gathered parameters (ZeRO-3)"] > 0
+    assert "first step's freed gathers (ZeRO-3, CPU)" not in gpu
+    assert gpu["working memory"] < cpu["working memory"]  # one layer's temporaries instead of every layer's
 
 
 @pytest.mark.parametrize(("stage", "dtype_bytes", "ranks", "bytes_per_param"), [
@@ -170,8 +181,8 @@ def test_cli_prints_the_table_and_rejects_bad_input(tmp_path, tiny_bert, capsys)
                                                  "train.micro_batch_size": 4})
     out = capsys.readouterr().out
     assert "ZeRO-3" in out and "micro-batch 4 x 68" in out
-    total = next(line for line in out.splitlines() if "total per rank" in line)
-    assert float(total.split()[3].replace(",", "")) * MIB > 500 * MIB  # the process overhead alone is 500 MiB
+    total = next(line for line in out.splitlines() if "total per rank (peak RSS)" in line)
+    assert float(total.split()[-1].replace(",", "")) * MIB > 500 * MIB  # the process overhead alone is 500 MiB
     for flags, message in (({"world_size": 0}, "world_size must be >= 1"), ({"offload": "disk"}, "--offload must be"),
                            ({"stage": 5}, "stage must be 0, 1, 2 or 3")):
         with pytest.raises(SystemExit) as exit_status:
