@@ -188,3 +188,24 @@ def test_cli_prints_the_table_and_rejects_bad_input(tmp_path, tiny_bert, capsys)
         with pytest.raises(SystemExit) as exit_status:
             cli.estimate_memory(config, **flags)
         assert exit_status.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_memory_study_reuses_measured_cells_and_writes_its_table(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import memory as study
+
+    measured = {"peak_rss_bytes": [2**30, 2**30 - 2**20], "steps": 3, "wall_s": 1.0}
+    (tmp_path / "cell").mkdir()
+    (tmp_path / "cell" / "measured.json").write_text(json.dumps(measured))
+    # The config does not exist: training it would fail, so a returned result proves the cell was skipped.
+    assert study.measure(tmp_path, "cell", tmp_path / "missing.yaml", 3, need=0, wait_s=0) == measured
+    monkeypatch.setattr(study, "OUT", tmp_path)
+    row = {"cell": "cell", "estimate_mib": 1126.4, "micro_batch": 2, "positions": 144, "params_total": 10,
+           "params_trainable": 1, "estimate_parts_mib": {"frozen weights": 1126.4}, "measured_mib": [1024.0, 1023.0],
+           "error_pct": 10.0}
+    study.write_report([row, {**row, "cell": "not-run", "measured_mib": [], "error_pct": None}], "python -m ...")
+    table = (tmp_path / "results.md").read_text()
+    assert "| cell | 10 (1) | 2 x 144 | 1,126 | 1,024 / 1,023 | +10.0 % |" in table
+    assert "| not-run |  | 2 x 144 | 1,126 | not run |  |" in table
+    assert (tmp_path / "memory.png").stat().st_size > 0
