@@ -219,7 +219,7 @@ def estimate(shape: ModelShape, job: Job) -> list[Part]:
     # sqrt(v) + eps as a new tensor the size of what it updates: the whole partition, or one parameter without ZeRO.
     largest_trainable = max((n for n, trains in params if trains), default=0)
     step = trainable * 4 * 2 / ranks if stage >= 1 else largest_trainable * 4
-    if job.accelerator == "cuda":
+    if job.accelerator == "cuda" and not job.offload_optimizer:  # reuses the freed activations' blocks
         step = max(0.0, step - training_transient)
     parts.append(Part("optimizer step temporaries", step, state_where,
                       "flat fp32 gradients + Adam's denominator" if stage >= 1 else "Adam's denominator"))
