@@ -1,15 +1,17 @@
-"""Training speed and peak memory against PEFT + HF Trainer: same backbone, config, batches and data, per method.
+"""Training speed and peak memory against PEFT + HF Trainer: same backbone, config and data, per method.
 
-    python -m benchmarks.peft_speed --methods prompt_tuning prefix ptuning full [--repeats 3] [--steps 45] [--window 15]
+    python -m benchmarks.peft_speed --methods prompt_tuning prefix ptuning full [--repeats 3] [--steps 30] [--window 10]
 
 Each measurement is one fresh process, run the way its users run it. Ours: `ipt-ds train CONFIG` on 1 rank (DeepSpeed
 with the config's ds_configs JSON) with `--train.max_steps=STEPS --run.log_every=WINDOW` and no evaluation before the
 last step; its samples/s is what it logs in log.jsonl over the windows after the first (the first holds the first step
-and the warm-up). PEFT + HF Trainer: `benchmarks.peft_trainer` in speed mode, set up from the same config, fed the same
-batches in the same order (our length buckets, read sequentially) and timed by a step-end callback over the same
-steps. Both evaluate once after the last step. Peak RSS is each process's ru_maxrss from wait4: the whole process,
-loading and the final evaluation included. Pairs run interleaved (ours then PEFT, the next repeat PEFT then ours),
-and each ratio ours / PEFT is taken within a repeat, so a machine that slows down for a while shifts both sides.
+and the warm-up). PEFT + HF Trainer: `benchmarks.peft_trainer` in speed mode, set up from the same config and timed
+by a step-end callback over the same steps, twice: `peft` is fed exactly our batches in our order (our length buckets,
+read sequentially), which isolates the trainers; `peft_default` gets the Trainer's default random batches, as its
+users run it (more padding). All evaluate once after the last step. Peak RSS is each process's ru_maxrss from wait4:
+the whole process, loading and the final evaluation included. The arms run interleaved (ours, peft, peft_default;
+the next repeat in reverse order), and each ratio ours / PEFT is taken within a repeat, so a machine that slows down
+for a while shifts both sides.
 Writes benchmarks/results/<name>/{results.json, results.md, results.png}; finished cells (runs/<id>.json) are reused.
 """
 
@@ -27,7 +29,7 @@ from pathlib import Path
 from benchmarks.peft_reference import CONFIGS
 from benchmarks.step_cost import ratios
 
-ARMS = ("ours", "peft")
+ARMS = ("ours", "peft", "peft_default")  # peft: our batches; peft_default: the Trainer's random batches
 
 
 def spawn(cmd: list[str], log: Path) -> tuple[int, float, str]:
@@ -55,7 +57,9 @@ def measure(out: Path, cell: dict) -> dict:
                "--run.overwrite=true", f"--train.max_steps={steps}", "--train.eval_every=1000000",
                f"--run.log_every={window}"]
     else:
-        spec = {"config": config, "seed": 1, "output_dir": str(run), "speed": {"steps": steps, "window": window}}
+        batches = "ours" if cell["label"] == "peft" else "default"
+        spec = {"config": config, "seed": 1, "output_dir": str(run),
+                "speed": {"steps": steps, "window": window, "batches": batches}}
         cmd = [sys.executable, "-m", "benchmarks.peft_trainer", json.dumps(spec)]
     start = time.perf_counter()
     code, peak, stdout = spawn(cmd, out / "runs" / f"{cell['id']}.log")
@@ -67,6 +71,7 @@ def measure(out: Path, cell: dict) -> dict:
     else:
         result = json.loads(stdout.strip().splitlines()[-1])
         rate, trainable = result["samples_per_s"], result["parameters"]["trainable"]
+        cell = {**cell, "padded_tokens_per_sample": result["padded_tokens_per_sample"]}
     return {**cell, "samples_per_s": rate, "peak_rss_mib": peak, "trainable": trainable,
             "wall_s": time.perf_counter() - start}
 
@@ -82,18 +87,29 @@ def run_cell(out: Path, cell: dict) -> dict:
 
 
 def table(results: list[dict]) -> list[str]:
-    lines = ["| method | trainable | ours samples/s | PEFT samples/s | ours / PEFT | ours peak RSS (MiB) | "
-             "PEFT peak RSS (MiB) | ours / PEFT | repeats |", "|---|---|---|---|---|---|---|---|---|"]
+    """Per method: the median of each arm and the within-repeat ratios ours / PEFT (median ± half-range), for
+    samples/s and for peak RSS, against PEFT on our batches and on the Trainer's default batches."""
+    lines = ["| method | trainable | measure | ours | PEFT, our batches | ours / PEFT | PEFT, Trainer's batches | "
+             "ours / PEFT | repeats |", "|---|---|---|---|---|---|---|---|---|"]
     for method in dict.fromkeys(r["method"] for r in results):
         rows = [r for r in results if r["method"] == method]
-        speed, peak = ratios(rows, "samples_per_s", "peft")["ours"], ratios(rows, "peak_rss_mib", "peft")["ours"]
-        median = {(arm, key): statistics.median(r[key] for r in rows if r["label"] == arm)
-                  for arm in ARMS for key in ("samples_per_s", "peak_rss_mib")}
-        lines.append(f"| {method} | {rows[0]['trainable']:,} | {median['ours', 'samples_per_s']:.2f} | "
-                     f"{median['peft', 'samples_per_s']:.2f} | {speed[0]:.2f} ± {speed[1]:.2f} | "
-                     f"{median['ours', 'peak_rss_mib']:,.0f} | {median['peft', 'peak_rss_mib']:,.0f} | "
-                     f"{peak[0]:.2f} ± {peak[1]:.2f} | {len(rows) // 2} |")
+        for key, name, form in (("samples_per_s", "samples/s", ".2f"), ("peak_rss_mib", "peak RSS (MiB)", ",.0f")):
+            ratio = {arm: ratios([r for r in rows if r["label"] in ("ours", arm)], key, arm)["ours"]
+                     for arm in ARMS[1:] if any(r["label"] == arm for r in rows)}
+            median = {arm: statistics.median(r[key] for r in rows if r["label"] == arm) for arm in ARMS
+                      if any(r["label"] == arm for r in rows)}
+            cells = [f"{median[arm]:{form}} | {ratio[arm][0]:.2f} ± {ratio[arm][1]:.2f}" if arm in ratio else "- | -"
+                     for arm in ARMS[1:]]
+            lines.append(f"| {method} | {rows[0]['trainable']:,} | {name} | {median['ours']:{form}} | "
+                         f"{cells[0]} | {cells[1]} | {sum(r['label'] == 'ours' for r in rows)} |")
     return lines
+
+
+def padding(results: list[dict]) -> str:
+    tokens = {arm: statistics.median(r["padded_tokens_per_sample"] for r in results if r["label"] == arm)
+              for arm in ARMS[1:] if any(r["label"] == arm for r in results)}
+    names = {"peft": "our batches", "peft_default": "the Trainer's default batches"}
+    return "Padded tokens per training sample: " + ", ".join(f"{names[a]} {value:.1f}" for a, value in tokens.items())
 
 
 def plot(out: Path, results: list[dict], goal: float) -> None:
@@ -105,8 +121,15 @@ def plot(out: Path, results: list[dict], goal: float) -> None:
     methods = list(dict.fromkeys(r["method"] for r in results))
     fig, axes = plt.subplots(1, 2, figsize=(9, 0.8 + 0.5 * len(methods)), sharey=True)
     for ax, key, title in ((axes[0], "samples_per_s", "training samples/s"), (axes[1], "peak_rss_mib", "peak RSS")):
-        values = [ratios([r for r in results if r["method"] == m], key, "peft")["ours"] for m in methods]
-        ax.barh(methods, [v[0] for v in values], xerr=[v[1] for v in values], color="tab:blue")
+        for offset, arm, color in ((0.2, "peft", "tab:blue"), (-0.2, "peft_default", "tab:orange")):
+            if not any(r["label"] == arm for r in results):
+                continue
+            values = [ratios([r for r in results if r["method"] == m and r["label"] in ("ours", arm)], key, arm)
+                      ["ours"] for m in methods]
+            ax.barh([i + offset for i in range(len(methods))], [v[0] for v in values], height=0.4,
+                    xerr=[v[1] for v in values], color=color,
+                    label="vs PEFT, our batches" if arm == "peft" else "vs PEFT, Trainer's batches")
+        ax.set_yticks(range(len(methods)), methods)
         ax.axvline(1.0, color="black", linestyle="--")
         ax.set_xlabel(f"{title}: ipt-ds / PEFT + HF Trainer")
     axes[0].axvline(goal, color="tab:red", linestyle=":", label=f"goal {goal}x")
@@ -120,8 +143,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["prompt_tuning", "prefix", "ptuning", "full"],
                         choices=sorted(CONFIGS))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=45, help="optimizer steps per run (CB: 15 per epoch)")
-    parser.add_argument("--window", type=int, default=15, help="steps in the first, untimed window (and per log)")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run (CB: 15 per epoch)")
+    parser.add_argument("--window", type=int, default=10, help="steps in the first, untimed window (and per log)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="ours must be among them")
     parser.add_argument("--goal", type=float, default=1.25, help="the throughput ratio the plot marks")
     parser.add_argument("--name", default="peft_speed", help="study folder under benchmarks/results/")
     args = parser.parse_args()
@@ -132,14 +156,15 @@ def main() -> None:
     results = []
     for repeat in range(args.repeats):
         for method in args.methods:
-            for arm in ARMS if repeat % 2 == 0 else ARMS[::-1]:
+            for arm in args.arms if repeat % 2 == 0 else args.arms[::-1]:
                 cell = {"id": f"{method}-{arm}-s{args.steps}-w{args.window}-r{repeat}", "label": arm,
                         "method": method, "repeat": repeat, "steps": args.steps, "window": args.window}
                 results.append(run_cell(out, cell))
     command = "python -m benchmarks.peft_speed " + " ".join(sys.argv[1:])
     lines = [f"Command: `{command}`", f"Date: {time.strftime('%Y-%m-%d')}",
              f"fp32, 1 process each, batch 16 of CB train; samples/s over steps {args.window + 1}-{args.steps}; "
-             f"{args.repeats} interleaved repeats; ratios: median ± half-range over repeats.", "", *table(results), ""]
+             f"{args.repeats} interleaved repeats; ratios: median ± half-range over repeats.", "", *table(results), "",
+             padding(results), ""]
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text("\n".join(lines))
     plot(out, results, args.goal)

@@ -1,7 +1,8 @@
 """One PEFT + HF Trainer run on a task, set up from one of our configs: the reference side of the PEFT comparison.
 
     python -m benchmarks.peft_trainer '{"config": "configs/cb/prefix_minilm.yaml", "seed": 1, "epochs": 3}'
-    python -m benchmarks.peft_trainer '{"config": ..., "seed": 1, "speed": {"steps": 60, "window": 15}}'
+    python -m benchmarks.peft_trainer '{"config": ..., "seed": 1, "speed": {"steps": 30, "window": 10,
+                                                                         "batches": "ours"}}'
 
 What a PEFT user writes: the backbone from `from_pretrained`, `get_peft_model` with the PEFT config of the method
 (PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig; none for full fine-tuning), the tokenizer with
@@ -9,9 +10,10 @@ What a PEFT user writes: the backbone from `from_pretrained`, `get_peft_model` w
 sides match: data files, max_length, batch size, lr, weight decay, warm-up, schedule, gradient clipping, eval batch,
 backbone dropout (off for frozen backbones, on for full fine-tuning) and the head, a dropout + linear classifier on the
 mean of the real tokens' last hidden states (`MeanPoolClassifier`; PEFT's SEQ_CLS on BERT would read the pooler).
-Accuracy mode evaluates on the eval split after every epoch and reports the best evaluation. Speed mode trains
-`steps` steps on exactly the batches `ipt-ds train` forms (our length-bucketed batches, laid out in order and read
-sequentially) without evaluation, and reports samples/s over the steps after the first `window`.
+Accuracy mode evaluates on the eval split after every epoch and reports the best evaluation (batches: the Trainer's
+length grouping, `group_by_length`). Speed mode trains `steps` steps without evaluation and reports samples/s over the
+steps after the first `window`, on exactly the batches `ipt-ds train` forms (`batches: ours`: our length buckets,
+laid out in order and read sequentially) or on the Trainer's default random batches (`batches: default`).
 Prints one JSON line with the results.
 """
 
@@ -114,7 +116,7 @@ def train(cell: dict) -> dict:
 
     train_set, eval_set = encode(train_examples), encode(eval_examples)
     batch = cfg.train.batch_size
-    if speed:  # our batches in our order: epoch e is rank_train_batches(seed + e), as `ipt-ds train` forms them
+    if speed and speed["batches"] == "ours":  # epoch e is rank_train_batches(seed + e), as `ipt-ds train` forms them
         lengths = [len(f["input_ids"]) for f in train_set]
         order = []
         for epoch in range(math.ceil(speed["steps"] * batch / len(train_set)) + 1):
@@ -122,6 +124,7 @@ def train(cell: dict) -> dict:
                                               seed=cfg.run.seed + epoch):
                 order.extend(indices)
         train_set = [train_set[i] for i in order[: speed["steps"] * batch]]
+    if speed:
         total_steps = speed["steps"]
     else:
         total_steps = math.ceil(len(train_set) / batch) * cfg.train.epochs  # the Trainer keeps the short last batch
@@ -133,7 +136,8 @@ def train(cell: dict) -> dict:
         max_grad_norm=cfg.optim.grad_clip, eval_strategy="no" if speed else "epoch", save_strategy="no",
         logging_strategy="steps" if speed else "epoch", logging_steps=speed["window"] if speed else 500,
         report_to="none", seed=cfg.run.seed, data_seed=cfg.run.seed,
-        train_sampling_strategy="sequential" if speed else "group_by_length", remove_unused_columns=False,
+        train_sampling_strategy={"ours": "sequential", "default": "random", None: "group_by_length"}[
+            speed and speed["batches"]], remove_unused_columns=False,
         disable_tqdm=True, use_cpu=True)
 
     def metrics(prediction) -> dict:
@@ -148,17 +152,30 @@ def train(cell: dict) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             self.times.append(time.perf_counter())
 
+    pad = DataCollatorWithPadding(tokenizer)
+    shapes = []  # (B, T) of every padded batch
+
+    def collate(features: list[dict]) -> dict:
+        padded = pad(features)
+        shapes.append(padded["input_ids"].shape)
+        return padded
+
     clock = StepClock()
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics, callbacks=[clock])
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collate,
+                      compute_metrics=metrics, callbacks=[clock])
     start = time.perf_counter()
     trainer.train()
+    train_shapes = list(shapes)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result = {"task": task.name, "method": cfg.method.name, "system": "peft+trainer", "seconds": 0.0,
               "parameters": {"trainable": trainable}}
     if speed:
-        window = speed["window"]
-        result["samples_per_s"] = (total_steps - window) * batch / (clock.times[-1] - clock.times[window - 1])
+        window, per_epoch = speed["window"], math.ceil(len(train_set) / batch)
+        # Random batches: each epoch of the 250 examples ends with a short batch (250 - 15 * 16 = 10 examples).
+        samples = sum(batch if step % per_epoch else len(train_set) - (per_epoch - 1) * batch
+                      for step in range(window + 1, total_steps + 1))
+        result["samples_per_s"] = samples / (clock.times[-1] - clock.times[window - 1])
+        result["padded_tokens_per_sample"] = sum(b * t for b, t in train_shapes) / sum(b for b, _ in train_shapes)
         result["eval_after"] = trainer.evaluate()  # as `ipt-ds train` evaluates once at its last step
     else:
         evals = [entry for entry in trainer.state.log_history if "eval_acc" in entry]

@@ -154,12 +154,15 @@ def test_peft_reference_model_is_ours_given_the_same_weights(tiny_bert, method):
 def test_peft_speed_table_takes_ratios_within_each_repeat(tmp_path):
     def speed(label, repeat, rate, peak):
         return {"label": label, "repeat": repeat, "method": "prefix", "samples_per_s": rate, "peak_rss_mib": peak,
-                "trainable": 10}
+                "trainable": 10, "padded_tokens_per_sample": 80.0 if label == "peft" else 120.0}
 
-    # Repeat 1 ran on a machine half as fast: the within-repeat ratio stays 1.5.
-    results = [speed("ours", 0, 6.0, 900.0), speed("peft", 0, 4.0, 1000.0),
-               speed("peft", 1, 2.0, 1000.0), speed("ours", 1, 3.0, 800.0)]
-    assert peft_speed.table(results)[2] == "| prefix | 10 | 4.50 | 3.00 | 1.50 ± 0.00 | 850 | 1,000 | 0.85 ± 0.05 | 2 |"
+    # Repeat 1 ran on a machine half as fast: the within-repeat ratios stay 1.5 and 2.0.
+    results = [speed("ours", 0, 6.0, 900.0), speed("peft", 0, 4.0, 1000.0), speed("peft_default", 0, 3.0, 1100.0),
+               speed("peft_default", 1, 1.5, 1100.0), speed("peft", 1, 2.0, 1000.0), speed("ours", 1, 3.0, 800.0)]
+    lines = peft_speed.table(results)
+    assert lines[2] == "| prefix | 10 | samples/s | 4.50 | 3.00 | 1.50 ± 0.00 | 2.25 | 2.00 ± 0.00 | 2 |"
+    assert lines[3] == "| prefix | 10 | peak RSS (MiB) | 850 | 1,000 | 0.85 ± 0.05 | 1,100 | 0.77 ± 0.05 | 2 |"
+    assert peft_speed.padding(results).endswith("our batches 80.0, the Trainer's default batches 120.0")
     log = tmp_path / "log.jsonl"  # windows of equal samples: the rate over both is their harmonic mean
     log.write_text("".join(json.dumps(r) + "\n" for r in [{"step": 10, "train/samples_per_s": 100.0},
                                                          {"step": 20, "train/samples_per_s": 2.0},
