@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import traceback
-from pathlib import Path
 
 import yaml
 
@@ -47,11 +46,10 @@ def _shutdown_distributed() -> None:
         rank = dist.get_rank()
         dist.barrier()
         dist.destroy_process_group()
-        # DeepSpeed's CPU collectives leave each rank's shared-memory buffer behind (~66 MB of RAM per rank and run):
-        # /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>. Every rank has passed the barrier.
-        name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_" \
-               f"{os.environ.get('MASTER_PORT')}_{rank}"
-        Path("/dev/shm", name).unlink(missing_ok=True)
+        # DeepSpeed's CPU collectives leave each rank's shared-memory buffer behind. Every rank has passed the barrier.
+        from ipt_ds.engine import shm_buffer
+
+        shm_buffer(rank).unlink(missing_ok=True)
 
 
 def _user_errors(command):

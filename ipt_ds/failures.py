@@ -130,7 +130,12 @@ def _on_sigterm(signum, _frame) -> None:
 
 
 def exit_now(code: int) -> None:
-    """Flush the logs and leave without interpreter teardown (which can block on a broken process group)."""
+    """Flush the logs and leave without interpreter teardown (which can block on a broken process group). This
+    rank's DeepSpeed shared-memory buffer goes too (peers that mapped it keep their mapping)."""
+    from ipt_ds.engine import shm_buffer
+
+    if torch.distributed.is_initialized():
+        shm_buffer(torch.distributed.get_rank()).unlink(missing_ok=True)
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stdout.flush()
