@@ -75,7 +75,8 @@ class LinearHead(nn.Module):
         if pair is not None:
             v = pool_hidden(pair, batch["pair_attention_mask"], self.pool)
             features = torch.cat([features, v, (features - v).abs(), features * v], dim=-1)  # (B, 4H)
-        logits = self.linear(self.dropout(features))  # (B, C)
+        # Pooling averages in fp32; the head runs in its own dtype (bf16 / fp16 under DeepSpeed's mixed precision).
+        logits = self.linear(self.dropout(features).to(self.linear.weight.dtype)).float()  # (B, C)
         if logits.shape[-1] == 1:
             scores = logits.squeeze(-1)
             return scores, nn.functional.mse_loss(scores, batch["labels"].float()) if "labels" in batch else None

@@ -278,3 +278,13 @@ def test_bitfit_with_null_prompt_trains_the_mlm_vocabulary_bias(family, tiny_mod
     _, loss = model(batch)
     loss.backward()
     assert vocab_bias.grad is not None and vocab_bias.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_runs_in_bf16(name, tiny_models, data):
+    """DeepSpeed's bf16 configs cast the whole module, method and head included: no fp32 tensor may meet them."""
+    cfg, model, batch = build("bert", name, tiny_models, data)
+    model.to(torch.bfloat16).train()
+    logits, loss = model(batch)
+    loss.backward()
+    assert logits.dtype == torch.float32 and torch.isfinite(loss)

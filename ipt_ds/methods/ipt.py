@@ -206,12 +206,17 @@ class IPT(nn.Module):
                 log.info("method.emb_checkpoints holds a table only: the %s generator starts from random weights",
                          cfg.encoder)
 
+    @property
+    def generator_dtype(self) -> torch.dtype:
+        return next(self.generator.parameters()).dtype
+
     def instance_vectors(self, backbone: Backbone, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, N, D) from the first N token ids (padded when the input is shorter)."""
         num_tokens = self.cfg.num_tokens
         ids = nn.functional.pad(input_ids, (0, max(0, num_tokens - input_ids.shape[1])), value=self.pad_id)
         ids = ids[:, :num_tokens]
-        x = self.table(ids) if hasattr(self, "table") else backbone.embed(ids).float()
+        # the generator runs in its own dtype (bf16 / fp16 under DeepSpeed's mixed precision)
+        x = self.table(ids) if hasattr(self, "table") else backbone.embed(ids).to(self.generator_dtype)
         return self.generator(x) if hasattr(self, "generator") else x
 
     def forward(self, backbone: Backbone, batch: dict) -> MethodOutput:

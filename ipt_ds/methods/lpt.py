@@ -89,7 +89,7 @@ class LPT(nn.Module):
 
     def make_prompt(self, states: torch.Tensor, batch: dict) -> torch.Tensor:
         """(B, T, H) states entering layer k -> (B, n, H) prompt."""
-        states = states.float()
+        states = states.to(next(self.parameters()).dtype)  # the generator's dtype (bf16 under mixed precision)
         batch_size, num_tokens = states.shape[0], self.cfg.num_tokens
         mask = batch["attention_mask"]
         kind = self.cfg.generator
