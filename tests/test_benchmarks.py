@@ -54,7 +54,7 @@ def test_step_cost_ratios_are_taken_within_each_repeat():
     peak_ratio = step_cost.ratios(results, "peak_rss_mib", "base")["lpt"]
     assert peak_ratio == (pytest.approx(0.75), pytest.approx(1 / 12))
     lines = step_cost.table(results, "base")
-    assert lines[3].startswith("| lpt | 10 | 0.750 | 0.50 ± 0.00 | 225 | 0.75 ± 0.08 | 125 | 0.62 ± 0.12 |")
+    assert lines[3] == "| lpt | 10 | 0.750 | 0.50 ± 0.00 | 225 | 0.75 ± 0.08 |"
 
 
 def test_step_cost_study_reuses_finished_cells(tmp_path):
