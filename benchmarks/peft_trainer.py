@@ -107,6 +107,8 @@ def train(cell: dict) -> dict:
     speed = cell.get("speed")
     cfg = load_config(Path(cell["config"]), {"run.seed": cell["seed"], "train.epochs": cell.get("epochs", 1)})
     task, train_examples, eval_examples, _ = load_task_splits(cfg.data, cfg.run.seed)
+    if any(e.group is not None for e in eval_examples):
+        raise ValueError(f"task '{task.name}' has grouped metrics, which this reference does not compute")
     set_seed(cfg.run.seed)
     model, tokenizer = build_model(cfg, len(task.label_names))
 
@@ -141,9 +143,9 @@ def train(cell: dict) -> dict:
         disable_tqdm=True, use_cpu=True)
 
     def metrics(prediction) -> dict:
-        predictions = prediction.predictions.argmax(-1).tolist()
-        return compute_metrics(task.metrics, predictions=predictions, labels=[e.label for e in eval_examples],
-                               groups=[e.group for e in eval_examples])
+        # Labels as the Trainer returns them: group_by_length also reorders the evaluation set.
+        return compute_metrics(task.metrics, predictions=prediction.predictions.argmax(-1).tolist(),
+                               labels=prediction.label_ids.tolist())
 
     class StepClock(TrainerCallback):
         def __init__(self):
