@@ -48,6 +48,9 @@ class ModelConfig:
     """Keep the backbone's dropout active in training. Off for frozen backbones; full fine-tuning turns it on."""
     gradient_checkpointing: bool = False
     """Recompute backbone activations in backward (non-reentrant, so it works with prefixes and frozen weights)."""
+    random_init: bool = False
+    """Build the backbone from its config.json with random weights instead of reading them (speed and memory studies
+    of shapes whose weights you lack); under ZeRO-3 each rank creates only its own partition."""
 
 
 def resolve_model_path(cfg: ModelConfig) -> tuple[str, str]:
@@ -307,6 +310,8 @@ def load_backbone(
     if empty:
         with torch.device("meta"):
             model = model_cls.from_config(hf_config, dtype=dtype, **common)
+    elif cfg.random_init:  # with HfDeepSpeedConfig alive, transformers builds and initialises it under zero.Init
+        model = model_cls.from_config(hf_config, dtype=dtype, **common)
     else:
         model = model_cls.from_pretrained(path, dtype=dtype, **common)
     tokenizer = AutoTokenizer.from_pretrained(path, **common)
