@@ -15,7 +15,9 @@ parameter trains, at 16 to 18 bytes each; with a frozen backbone most parameters
 - working memory: one layer's gradients plus forward temporaries (on a GPU one layer's; on a CPU every layer's, since
   glibc keeps the blocks freed below live tensors, and under ZeRO-3 the first step's per-module gathers likewise);
   the evaluation forward (`train.eval_batch_size`, no autograd); the optimizer step's temporaries;
-- a fixed process overhead.
+- a fixed process overhead;
+- with ZeRO-Infinity's NVMe parameter offload, the partitions live in files: only the persistent parameters and the
+  pinned swap buffers (`buffer_count x buffer_size`) stay in memory.
 Not counted: transients while loading and flattening at start, deep prompts' key/value prefixes, the CUDA context.
 """
 
@@ -80,6 +82,10 @@ class Job:
     dtype_bytes: int
     offload_optimizer: bool = False
     offload_param: bool = False
+    offload_param_nvme: bool = False
+    """ZeRO-Infinity: partitioned parameters live in files on NVMe (disk), read back into pinned host buffers."""
+    nvme_swap_buffer_elements: int = 0
+    """offload_param's buffer_count x buffer_size: the host buffers NVMe partitions are read into."""
     reduce_bucket_size: int = ZERO_DEFAULTS["reduce_bucket_size"]
     overlap_comm: bool = False
     prefetch_bucket_size: int = ZERO_DEFAULTS["stage3_prefetch_bucket_size"]
@@ -97,6 +103,8 @@ class Job:
             problems.append(f"ZeRO stage must be 0, 1, 2 or 3, got {self.stage}")
         if self.offload_param and self.stage != 3:
             problems.append("parameter offload needs ZeRO stage 3")
+        if self.offload_param_nvme and not self.offload_param:
+            problems.append("NVMe parameter offload needs offload_param")
         if self.accelerator not in ("cpu", "cuda"):
             problems.append(f"accelerator must be cpu or cuda, got {self.accelerator!r}")
         if problems:
@@ -107,7 +115,7 @@ class Job:
 class Part:
     name: str
     bytes: float
-    where: Literal["accelerator", "host"]
+    where: Literal["accelerator", "host", "nvme"]
     how: str
 
 
@@ -159,6 +167,9 @@ def estimate(shape: ModelShape, job: Job) -> list[Part]:
 
     sharded = "/ ranks (ZeRO-3)" if stage == 3 else "whole on every rank"
     weight_where = "host" if job.offload_param else "accelerator"
+    if job.offload_param_nvme:  # the partitions are files; only the persistent (small, whole) parameters stay
+        sharded += ", partitions on NVMe"
+        swapped = {trains: (weights(trains) - persistent[trains]) * width for trains in (False, True)}
     state_where = "host" if job.offload_optimizer else "accelerator"
     state_ranks = ranks if stage >= 1 else 1
     parts = [
@@ -171,6 +182,12 @@ def estimate(shape: ModelShape, job: Job) -> list[Part]:
         Part("Adam moments", trainable * 8 / state_ranks, state_where,
              "trainable x 8 B" + (" / ranks" if stage >= 1 else "")),
     ]
+    if job.offload_param_nvme:
+        parts[0:2] = [Part(part.name, part.bytes - swapped[trains], part.where, part.how + " (persistent ones)")
+                      for part, trains in zip(parts[0:2], (False, True), strict=True)]
+        parts[2:2] = [Part("weights on NVMe", swapped[False] + swapped[True], "nvme", "partitions, not in memory"),
+                      Part("NVMe swap buffers", job.nvme_swap_buffer_elements * width, "host",
+                           f"offload_param buffer_count x buffer_size = {job.nvme_swap_buffer_elements:,} elements")]
     if stage >= 2:
         # A CPU process touches only the part of the bucket that gradients are copied into; a GPU allocates it whole.
         buffers = 2 if job.overlap_comm else 1
@@ -228,16 +245,24 @@ def estimate(shape: ModelShape, job: Job) -> list[Part]:
     return parts
 
 
+def in_memory(parts: list[Part]) -> float:
+    """Bytes of one rank in memory (accelerator and host), leaving out what lives on NVMe."""
+    return sum(p.bytes for p in parts if p.where != "nvme")
+
+
 def format_table(parts: list[Part], title: str, *, accelerator: str) -> str:
     lines = [title, f"  {'part':<46} {'MiB':>10}  {'where':<11}  how"]
     for part in parts:
         lines.append(f"  {part.name:<46} {part.bytes / MIB:>10,.1f}  {part.where:<11}  {part.how}")
     if accelerator == "cpu":  # one memory: the process's RSS
-        lines.append(f"  {'total per rank (peak RSS)':<46} {sum(p.bytes for p in parts) / MIB:>10,.1f}")
+        lines.append(f"  {'total per rank (peak RSS)':<46} {in_memory(parts) / MIB:>10,.1f}")
     else:
         for where in ("accelerator", "host"):
             total = sum(p.bytes for p in parts if p.where == where)
             lines.append(f"  {'total per rank on the ' + where:<46} {total / MIB:>10,.1f}")
+    on_disk = sum(p.bytes for p in parts if p.where == "nvme")
+    if on_disk:
+        lines.append(f"  {'on NVMe per rank (not in memory)':<46} {on_disk / MIB:>10,.1f}")
     return "\n".join(lines)
 
 
@@ -334,6 +359,8 @@ def report(cfg, *, world_size: int = 1, batch_size: int | None = None, seq_len: 
                  for key in ("optimizer", "param")}
     if offload is not None:
         offloaded = {"optimizer": offload != "none", "param": offload == "all"}
+    swap = zero.get("offload_param", {})
+    nvme = offloaded["param"] and swap.get("device") == "nvme"
     prompt_positions = getattr(model.method, "num_prefix_positions", 0)
 
     def setting(key: str):  # what the JSON sets, else DeepSpeed's default
@@ -342,7 +369,8 @@ def report(cfg, *, world_size: int = 1, batch_size: int | None = None, seq_len: 
     job = Job(world_size=world_size, micro_batch_size=batch_size or cfg.train.micro_batch_size,
               eval_batch_size=cfg.train.eval_batch_size, seq_len=(seq_len or cfg.data.max_length) + prompt_positions,
               sequences_per_example=2 if cfg.head.siamese else 1, stage=zero.get("stage", 0), dtype_bytes=width,
-              offload_optimizer=offloaded["optimizer"], offload_param=offloaded["param"],
+              offload_optimizer=offloaded["optimizer"], offload_param=offloaded["param"], offload_param_nvme=nvme,
+              nvme_swap_buffer_elements=int(swap.get("buffer_count", 5) * swap.get("buffer_size", 1e8)) if nvme else 0,
               overlap_comm=zero.get("overlap_comm", zero.get("stage") == 3),
               reduce_bucket_size=setting("reduce_bucket_size"),
               prefetch_bucket_size=setting("stage3_prefetch_bucket_size"),

@@ -209,3 +209,21 @@ def test_memory_study_reuses_measured_cells_and_writes_its_table(tmp_path, monke
     assert "| cell | 10 (1) | 2 x 144 | 1,126 | 1,024 / 1,023 | +10.0 % |" in table
     assert "| not-run |  | 2 x 144 | 1,126 | not run |  |" in table
     assert (tmp_path / "memory.png").stat().st_size > 0
+
+
+def test_nvme_parameter_offload_keeps_only_persistent_weights_and_the_swap_buffers_in_memory():
+    from ipt_ds.memory import in_memory
+
+    model = ModelShape(units=((((40_000_000, False), (1_000, False)), True), (((64, True),), True)), hidden_size=64,
+                       intermediate_size=256, num_heads=4, num_layers_with_grad=4, gated_mlp=False,
+                       linear_inputs_kept=False)
+    in_ram = estimate(model, job(stage=3, world_size=2, offload_param=True))
+    on_disk = estimate(model, job(stage=3, world_size=2, offload_param=True, offload_param_nvme=True,
+                                  nvme_swap_buffer_elements=5_000_000))
+    p = {part.name: part for part in on_disk}
+    assert p["weights on NVMe"].bytes == 40_000_000 * 4 / 2 and p["weights on NVMe"].where == "nvme"
+    assert p["frozen weights"].bytes == 1_000 * 4 and p["trainable weights"].bytes == 64 * 4  # persistent: whole
+    assert p["NVMe swap buffers"].bytes == 5_000_000 * 4 and p["NVMe swap buffers"].where == "host"
+    assert in_memory(in_ram) - in_memory(on_disk) == 40_000_000 * 4 / 2 - 5_000_000 * 4
+    with pytest.raises(ValueError, match="NVMe parameter offload needs offload_param"):
+        job(stage=3, offload_param_nvme=True)
