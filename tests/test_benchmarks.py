@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import accuracy, peft_reference, peft_speed, step_cost
+from benchmarks import accuracy, peft_reference, peft_speed, scale, step_cost
 
 
 def cell(eval_acc: float, test_acc: float | None = None) -> dict:
@@ -176,3 +176,66 @@ def test_peft_speed_reuses_finished_cells(tmp_path):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "prefix-ours-s30-w10-r0.json").write_text(json.dumps(done))
     assert peft_speed.run_cell(tmp_path, {"id": "prefix-ours-s30-w10-r0", "method": "missing"}) == done
+
+
+def scale_measurement(step_s: list[float], peaks_mib: list[float]) -> dict:
+    return {"step_s": step_s, "peak_rss_bytes": [m * 2**20 for m in peaks_mib], "wall_s": 60.0,
+            "parameters": {"total": 1_000_000, "trainable": 100}, "nvme_swap_bytes": 2**30,
+            "gemm": {"shapes": {"square": {"flops_per_s": 100e9}, "MLP": {"flops_per_s": 80e9}}}}
+
+
+def test_scale_flop_count_is_the_frozen_backbone_formula():
+    # tiny: H 64, I 128, 2 layers, 4 heads of 16, 2 kv heads: q, o 64x64 each, k, v 64x32 each, MLP 3 x 64x128
+    assert scale.matmul_params("tiny") == 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)
+    # 2 sequences of 72 positions: 4 N T + 12 L T^2 D each
+    assert scale.step_flops("tiny", sequences=2, positions=72) == 2 * (4 * 73_728 * 72 + 12 * 2 * 72**2 * 64)
+    # LLaMA-7B's layers hold 6.48B parameters of matrix products
+    assert scale.matmul_params("7b") == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+
+
+def test_scale_tables_put_estimate_measurement_and_efficiency_side_by_side(tmp_path):
+    estimates = {cell: {"per_rank_bytes": mib * 2**20, "positions": 72, "parts_mib": {"frozen weights": mib}}
+                 for cell, mib in (("tiny", 550.0), ("7b", 14_000.0), ("tiny-nvme", 500.0))}
+    measured = {"tiny": scale_measurement([3.0, 1.0, 2.0], [500.0, 480.0]),
+                "7b": {"skipped": "needs 29.0 GiB (estimate x 2 ranks + margin), 20.0 GiB available"},
+                "tiny-nvme": scale_measurement([4.0], [400.0, 410.0])}
+    rows = scale.build_rows(["tiny", "7b", "tiny-nvme"], estimates, measured, world=2)
+    flops = scale.step_flops("tiny", sequences=2, positions=72)
+    assert rows[0]["step_s"] == 2.0 and rows[0]["achieved_flops_per_s"] == pytest.approx(flops / 2.0)
+    assert rows[0]["fraction_of_gemm_peak"] == pytest.approx(flops / 2.0 / 100e9)
+    assert rows[0]["estimate_error_pct"] == pytest.approx(10.0)  # (550 - 500) / 500
+    assert rows[1]["status"].startswith("needs 29.0 GiB") and "step_s" not in rows[1]
+    assert rows[2]["weights"] == "NVMe" and rows[2]["nvme_swap_gib"] == 1.0
+    lines = scale.scale_table(rows)
+    assert lines[2] == ("| tiny | a tiny LLaMA (tests of this script) | 1,000,000 (100) | memory | 550 | 500 / 480 | "
+                        "+10.0 % | 2.00 | 60 |")
+    assert lines[3].startswith("| 7b | LLaMA-7B / Llama-2-7B | | memory | 14,000 | not run: needs 29.0 GiB")
+    efficiency = scale.efficiency_table(rows)
+    assert len(efficiency) == 4  # the cell that did not run has no efficiency row
+    assert efficiency[2].endswith(f"| 2.00 | {flops / 2e9:,.1f} | 100.0 | 80.0 | 0 % |")
+    scale.write_report(tmp_path, rows, "python -m benchmarks.scale ...", world=2, device="cpu")
+    report = (tmp_path / "results.md").read_text()
+    assert lines[2] in report and "Largest backbone trained with its weights in memory: tiny " in report
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["cell"] == "7b"
+    assert (tmp_path / "scale.png").stat().st_size > 0
+
+
+def test_scale_study_reuses_finished_cells_and_retries_skipped_ones(tmp_path):
+    done = scale_measurement([1.0], [100.0, 100.0])
+    (tmp_path / "1b").mkdir()
+    (tmp_path / "1b" / "measured.json").write_text(json.dumps(done))
+    # The config does not exist and no machine has this much memory: a result proves nothing ran.
+    missing = tmp_path / "missing.yaml"
+    assert scale.run_cell(tmp_path, "1b", missing, world=2, device="cpu", need=1e18, wait_s=0) == done
+    skipped = scale.run_cell(tmp_path, "3b", missing, world=2, device="cpu", need=1e18, wait_s=0)
+    assert skipped["skipped"].startswith("needs 931322574.6 GiB")
+    assert not (tmp_path / "3b" / "measured.json").exists()  # a skipped cell runs on the next invocation
+
+
+def test_scale_nvme_buffers_hold_the_largest_partition(tmp_path):
+    config = scale.ds_config("7b", nvme_dir=tmp_path, world=2, bf16=False)
+    swap = config["zero_optimization"]["offload_param"]
+    assert swap["device"] == "nvme" and swap["buffer_size"] >= 49_152 * 4096 // 2
+    assert "offload_param" not in scale.ds_config("7b", nvme_dir=None, world=2, bf16=False)["zero_optimization"]
+    with pytest.raises(ValueError, match="7b-disk"):
+        scale.parse_cell("7b-disk")
