@@ -2,7 +2,7 @@
 peak memory, step time and achieved FLOP/s against the machine's measured GEMM peak; past RAM with ZeRO-Infinity
 (parameter partitions on NVMe, read through DeepSpeed's async I/O).
 
-    python -m benchmarks.scale [--cells 125m 1b 3b 4b 7b 7b-nvme] [--steps 3] [--device cpu|cuda]
+    python -m benchmarks.scale [--cells 125m 1b 3b 4b 7b 7b-nvme 1b-glibc] [--steps 3] [--device cpu|cuda]
         [--nvme-dir DIR] [--margin-gib 1.5] [--wait-for-memory 0] [--name scale]
 
 A cell is a shape (`SHAPES`, published LLaMA-family widths and depths with SmolLM2's 49,152-token vocabulary) and
@@ -14,7 +14,8 @@ per rank, fp32 on CPU (2 ranks, gloo, 1 thread each) or bf16 on CUDA (every visi
 `--steps` timed steps, one evaluation and checkpoint at the end. Step time: the median of the logged per-step rates
 after the warm-up; memory: each rank's lifetime peak RSS (benchmarks/peak_rss.py) next to `ipt-ds estimate-memory`
 for the same config. A cell whose estimate (both ranks, plus a margin) exceeds the available memory is not started;
-the table says so. Finished cells are reused (runs/<cell>/measured.json).
+the table says so. Finished cells are reused (runs/<cell>/measured.json). Ranks run with MALLOC_MMAP_THRESHOLD_=1 MiB
+(see MMAP_THRESHOLD) except in cells named SHAPE-glibc.
 
 FLOPs of one step with a frozen backbone and a prompt at the input, per sequence of T positions (prompt included):
 forward 2 N T + 4 L T^2 D, backward through the activations only (no weight gradients) 2 N T + 8 L T^2 D, where N
@@ -47,18 +48,23 @@ SHAPES = {  # name -> hidden, intermediate, layers, attention heads, key/value h
     "4b": (3072, 8192, 32, 32, 32, "Phi-3-mini (3.8B), as a LLaMA"),
     "7b": (4096, 11008, 32, 32, 32, "LLaMA-7B / Llama-2-7B"),
 }
-DEFAULT_CELLS = ["125m", "1b", "3b", "4b", "7b", "7b-nvme"]
+DEFAULT_CELLS = ["125m", "1b", "3b", "4b", "7b", "7b-nvme", "1b-glibc"]
+# Every allocation from 1 MiB up gets its own mapping, which free() returns to the kernel. With glibc's defaults
+# (a threshold that grows up to 32 MiB) ZeRO-3's freed parameter gathers stay in the heap below the activations
+# saved after them; a 1B backbone then peaked at 7.5 GiB per rank instead of about 3.5. Cells named -glibc keep them.
+MMAP_THRESHOLD = 2**20
 VOCAB = 49_152  # SmolLM2's tokenizer (LLaMA-1/2 have 32,000 tokens, Llama-3 128,256): only the embedding differs
 SEQ_LEN, NUM_PROMPT, MICRO_BATCH = 64, 8, 1
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # no sparsity
 WORDS = "cat dog bird fish horse cow sheep goat lion tiger bear wolf fox deer mouse frog red green blue black".split()
 
 
-def parse_cell(cell: str) -> tuple[str, bool]:
-    shape, _, where = cell.partition("-")
-    if shape not in SHAPES or where not in ("", "nvme"):
-        raise ValueError(f"cell '{cell}': expected SHAPE or SHAPE-nvme with SHAPE one of {', '.join(SHAPES)}")
-    return shape, where == "nvme"
+def parse_cell(cell: str) -> tuple[str, bool, bool]:
+    """SHAPE[-nvme][-glibc] -> (shape, weights on NVMe, glibc's default allocator settings)."""
+    shape, *options = cell.split("-")
+    if shape not in SHAPES or len(set(options)) < len(options) or not set(options) <= {"nvme", "glibc"}:
+        raise ValueError(f"cell '{cell}': expected SHAPE[-nvme][-glibc] with SHAPE one of {', '.join(SHAPES)}")
+    return shape, "nvme" in options, "glibc" in options
 
 
 def matmul_params(shape: str) -> int:
@@ -124,7 +130,7 @@ def ds_config(shape: str, *, nvme_dir: Path | None, world: int, bf16: bool) -> d
 def cell_config(runs: Path, cell: str, model_dir: Path, *, world: int, device: str, steps: int, nvme_root: Path):
     import yaml
 
-    shape, nvme = parse_cell(cell)
+    shape, nvme, _ = parse_cell(cell)
     folder = runs / cell
     folder.mkdir(parents=True, exist_ok=True)
     ds = ds_config(shape, nvme_dir=nvme_root / cell if nvme else None, world=world, bf16=device == "cuda")
@@ -190,12 +196,14 @@ def run_cell(runs: Path, cell: str, config: Path, *, world: int, device: str, ne
     env = {**os.environ, "IPT_DS_PEAK_RSS_DIR": str(peaks)}
     if device == "cpu":
         env |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads_per_rank(world))}
+    if not parse_cell(cell)[2]:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     start = time.perf_counter()
     with open(runs / cell / "train.log", "w") as log:
         code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     for leftover in Path("/dev/shm").glob(f"deepspeed_*_{port}_*"):  # DeepSpeed's CPU comm buffers outlive the run
         leftover.unlink(missing_ok=True)
-    _, nvme = parse_cell(cell)
+    _, nvme, _ = parse_cell(cell)
     swap = json.loads(Path(runs / cell / "ds_config.json").read_text())["zero_optimization"].get("offload_param", {})
     swap_bytes = sum(f.stat().st_size for f in Path(swap["nvme_path"]).rglob("*") if f.is_file()) if nvme else 0
     if nvme:
@@ -274,10 +282,11 @@ def build_rows(cells: list[str], estimates: dict, measured: dict, *, world: int)
     peak measured just before the cell."""
     rows = []
     for cell in cells:
-        shape, nvme = parse_cell(cell)
+        shape, nvme, default_malloc = parse_cell(cell)
         est, got = estimates[cell], measured.get(cell, {})
         flops = step_flops(shape, sequences=MICRO_BATCH * world, positions=est["positions"])
         row = {"cell": cell, "shape": SHAPES[shape][5], "weights": "NVMe" if nvme else "memory",
+               "allocator": "glibc defaults" if default_malloc else f"mmap threshold {MMAP_THRESHOLD // 2**20} MiB",
                "matmul_params": matmul_params(shape), "positions": est["positions"], "step_flops": flops,
                "estimate_mib": est["per_rank_bytes"] / 2**20, "estimate_parts_mib": est["parts_mib"],
                "status": "measured" if "step_s" in got else got.get("skipped") or got.get("failed") or "not run"}
@@ -299,17 +308,18 @@ def build_rows(cells: list[str], estimates: dict, measured: dict, *, world: int)
 
 
 def scale_table(rows: list[dict]) -> list[str]:
-    lines = ["| cell | shape | params (trainable) | weights | estimate MiB/rank | peak RSS MiB (rank 0, 1) | error "
-             "| step s (median) | wall s (whole run) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| cell | shape | params (trainable) | weights | allocator | estimate MiB/rank | peak RSS MiB (rank 0, 1) "
+             "| error | step s (median) | wall s (whole run) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] != "measured":
-            lines.append(f"| {r['cell']} | {r['shape']} | | {r['weights']} | {r['estimate_mib']:,.0f} | "
-                         f"not run: {r['status']} | | | |")
+            lines.append(f"| {r['cell']} | {r['shape']} | | {r['weights']} | {r['allocator']} | "
+                         f"{r['estimate_mib']:,.0f} | not run: {r['status']} | | | |")
             continue
         rss = " / ".join(f"{m:,.0f}" for m in r["peak_rss_mib"])
         error = f"{r['estimate_error_pct']:+.1f} %" if "estimate_error_pct" in r else ""
         lines.append(f"| {r['cell']} | {r['shape']} | {r['params']:,} ({r['trainable']:,}) | {r['weights']} | "
-                     f"{r['estimate_mib']:,.0f} | {rss} | {error} | {r['step_s']:.2f} | {r['wall_s']:,.0f} |")
+                     f"{r['allocator']} | {r['estimate_mib']:,.0f} | {rss} | {error} | {r['step_s']:.2f} | "
+                     f"{r['wall_s']:,.0f} |")
     return lines
 
 
@@ -412,7 +422,7 @@ def main() -> None:
         write_data(runs / "data")
     estimates, measured = {}, {}
     for cell in args.cells:
-        shape, _ = parse_cell(cell)
+        shape = parse_cell(cell)[0]
         model_dir = runs / "models" / shape
         if not (model_dir / "config.json").exists():
             write_model_dir(model_dir, shape)

@@ -207,9 +207,10 @@ def test_scale_tables_put_estimate_measurement_and_efficiency_side_by_side(tmp_p
     assert rows[1]["status"].startswith("needs 29.0 GiB") and "step_s" not in rows[1]
     assert rows[2]["weights"] == "NVMe" and rows[2]["nvme_swap_gib"] == 1.0
     lines = scale.scale_table(rows)
-    assert lines[2] == ("| tiny | a tiny LLaMA (tests of this script) | 1,000,000 (100) | memory | 550 | 500 / 480 | "
-                        "+10.0 % | 2.00 | 60 |")
-    assert lines[3].startswith("| 7b | LLaMA-7B / Llama-2-7B | | memory | 14,000 | not run: needs 29.0 GiB")
+    assert lines[2] == ("| tiny | a tiny LLaMA (tests of this script) | 1,000,000 (100) | memory | "
+                        "mmap threshold 1 MiB | 550 | 500 / 480 | +10.0 % | 2.00 | 60 |")
+    assert lines[3].startswith("| 7b | LLaMA-7B / Llama-2-7B | | memory | mmap threshold 1 MiB | 14,000 | not run: "
+                               "needs 29.0 GiB")
     efficiency = scale.efficiency_table(rows)
     assert len(efficiency) == 4  # the cell that did not run has no efficiency row
     assert efficiency[2].endswith(f"| 2.00 | {flops / 2e9:,.1f} | 100.0 | 80.0 | 0 % |")
@@ -237,5 +238,7 @@ def test_scale_nvme_buffers_hold_the_largest_partition(tmp_path):
     swap = config["zero_optimization"]["offload_param"]
     assert swap["device"] == "nvme" and swap["buffer_size"] >= 49_152 * 4096 // 2
     assert "offload_param" not in scale.ds_config("7b", nvme_dir=None, world=2, bf16=False)["zero_optimization"]
-    with pytest.raises(ValueError, match="7b-disk"):
-        scale.parse_cell("7b-disk")
+    assert scale.parse_cell("7b-nvme-glibc") == ("7b", True, True) and scale.parse_cell("1b") == ("1b", False, False)
+    for bad in ("7b-disk", "8b", "7b-nvme-nvme"):
+        with pytest.raises(ValueError, match=bad):
+            scale.parse_cell(bad)
