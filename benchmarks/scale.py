@@ -14,8 +14,9 @@ per rank, fp32 on CPU (2 ranks, gloo, 1 thread each) or bf16 on CUDA (every visi
 `--steps` timed steps, one evaluation and checkpoint at the end. Step time: the median of the logged per-step rates
 after the warm-up; memory: each rank's lifetime peak RSS (benchmarks/peak_rss.py) next to `ipt-ds estimate-memory`
 for the same config. A cell whose estimate (both ranks, plus a margin) exceeds the available memory is not started;
-the table says so. Finished cells are reused (runs/<cell>/measured.json). Ranks run with MALLOC_MMAP_THRESHOLD_=1 MiB
-(see MMAP_THRESHOLD) except in cells named SHAPE-glibc.
+the table says so; a running cell is stopped when the machine's available memory falls below --min-free-gib (each
+rank's RSS over time goes to runs/<cell>/rss.tsv). Finished cells are reused (runs/<cell>/measured.json). Ranks run
+with MALLOC_MMAP_THRESHOLD_=1 MiB (see MMAP_THRESHOLD) except in cells named SHAPE-glibc.
 
 FLOPs of one step with a frozen backbone and a prompt at the input, per sequence of T positions (prompt included):
 forward 2 N T + 4 L T^2 D, backward through the activations only (no weight gradients) 2 N T + 8 L T^2 D, where N
@@ -173,7 +174,34 @@ def gemm_shapes(shape: str) -> dict[str, tuple[int, int, int]]:
     return {"square": (2048, 2048, 2048), "MLP": (MICRO_BATCH * (SEQ_LEN + NUM_PROMPT), hidden, inter)}
 
 
-def run_cell(runs: Path, cell: str, config: Path, *, world: int, device: str, need: float, wait_s: float) -> dict:
+def watch(launcher: subprocess.Popen, timeline: Path, *, min_free: float) -> int | str:
+    """Wait for the run, writing each rank's RSS every 2 s to `timeline`; stop the whole run (its process group) when
+    the machine's available memory falls below `min_free` bytes, before the kernel's out-of-memory killer acts."""
+    import psutil
+
+    start = time.perf_counter()
+    with open(timeline, "w") as out:
+        out.write("seconds\tavailable_mib\trank_rss_mib\n")
+        while launcher.poll() is None:
+            ranks = [c for c in psutil.Process(launcher.pid).children(recursive=True)
+                     if any(arg.startswith("--local_rank") for arg in c.cmdline())]
+            try:
+                rss = [round(c.memory_info().rss / 2**20) for c in ranks]
+            except psutil.Error:
+                rss = []
+            out.write(f"{time.perf_counter() - start:.0f}\t{available_bytes() // 2**20}\t{rss}\n")
+            out.flush()
+            if available_bytes() < min_free:
+                os.killpg(launcher.pid, 15)
+                launcher.wait(timeout=60)
+                return (f"stopped: available memory fell below {min_free / 2**30:.1f} GiB (ranks at {rss} MiB RSS "
+                        f"after {time.perf_counter() - start:.0f} s)")
+            time.sleep(2)
+    return launcher.returncode
+
+
+def run_cell(runs: Path, cell: str, config: Path, *, world: int, device: str, need: float, wait_s: float,
+             min_free: float = 1.5 * 2**30) -> dict:
     """Measure the GEMM peak, then train the cell; returns both, or {"skipped": why} when the machine lacks the memory
     the estimate says the cell needs."""
     result = runs / cell / "measured.json"
@@ -200,7 +228,8 @@ def run_cell(runs: Path, cell: str, config: Path, *, world: int, device: str, ne
         env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     start = time.perf_counter()
     with open(runs / cell / "train.log", "w") as log:
-        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        code = watch(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True),
+                     runs / cell / "rss.tsv", min_free=min_free)
     for leftover in Path("/dev/shm").glob(f"deepspeed_*_{port}_*"):  # DeepSpeed's CPU comm buffers outlive the run
         leftover.unlink(missing_ok=True)
     _, nvme, _ = parse_cell(cell)
@@ -210,7 +239,7 @@ def run_cell(runs: Path, cell: str, config: Path, *, world: int, device: str, ne
         shutil.rmtree(swap["nvme_path"], ignore_errors=True)  # gigabytes of swap files; the size is kept
     if code != 0:
         tail = (runs / cell / "train.log").read_text()[-3000:]
-        return {"failed": f"exit status {code}", "log_tail": tail}
+        return {"failed": code if isinstance(code, str) else f"exit status {code}", "log_tail": tail}
     run = runs / cell / "run"
     measured = {"peak_rss_bytes": [json.loads((peaks / f"rank{r}.json").read_text())["peak_rss_bytes"]
                                    for r in range(world)] if device == "cpu" else [],
@@ -401,6 +430,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--nvme-dir", type=Path, default=Path("/tmp/ipt_ds_nvme"), help="folder for NVMe swap files")
     parser.add_argument("--margin-gib", type=float, default=1.5, help="free memory kept beyond the ranks' estimate")
+    parser.add_argument("--min-free-gib", type=float, default=1.5,
+                        help="stop a running cell when the machine's available memory falls below this")
     parser.add_argument("--wait-for-memory", type=float, default=0, help="seconds to wait for free memory per cell")
     parser.add_argument("--name", help="study folder under benchmarks/results/ (default: scale, or scale_cuda)")
     args = parser.parse_args()
@@ -433,7 +464,7 @@ def main() -> None:
         print(f"{cell}: estimate {estimates[cell]['per_rank_bytes'] / 2**30:.1f} GiB per rank, "
               f"{available_bytes() / 2**30:.1f} GiB available", flush=True)
         measured[cell] = run_cell(runs, cell, config, world=world, device=args.device, need=need,
-                                  wait_s=args.wait_for_memory)
+                                  wait_s=args.wait_for_memory, min_free=args.min_free_gib * 2**30)
         print(f"{cell}: {json.dumps({k: v for k, v in measured[cell].items() if k != 'log_tail'})}", flush=True)
         rows = build_rows([c for c in args.cells if c in estimates], estimates, measured, world=world)
         write_report(out, rows, "python -m benchmarks.scale " + " ".join(sys.argv[1:]), world=world,
