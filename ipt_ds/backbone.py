@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "deberta-v2", "deberta", "electra", "distilbert", "albert", "mpnet"}
 DECODER_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "smollm3"}
+# Vision transformers -> how many tokens precede the patches in their embeddings' output (CLS; DeiT adds its
+# distillation token). Visual prompts go right after them.
+VISION_TYPES = {"vit": 1, "deit": 2, "dinov2": 1}
 # Late insertion (LPT) restarts the layer stack from given hidden states. They replace the output of the module that
 # forms the first layer's input (encoders: the embeddings; GPT-2: its embedding dropout); LLaMA-class models feed
 # `inputs_embeds` to the first layer unchanged (None). DeBERTa also needs no convolution after its first layer.
@@ -124,7 +127,9 @@ def enable_prefix_checkpointing(model: nn.Module) -> None:
             module._can_checkpoint_with_cache = True
 
 
-def family_of(model_type: str, *, is_encoder_decoder: bool = False) -> Literal["encoder", "decoder"]:
+def family_of(model_type: str, *, is_encoder_decoder: bool = False) -> Literal["encoder", "decoder", "vision"]:
+    if model_type in VISION_TYPES:
+        return "vision"
     if model_type in ENCODER_TYPES:
         return "encoder"
     if model_type in DECODER_TYPES:
@@ -135,12 +140,15 @@ def family_of(model_type: str, *, is_encoder_decoder: bool = False) -> Literal["
         return "decoder"
     raise ValueError(
         f"model type '{model_type}' is not supported; encoder families: {sorted(ENCODER_TYPES)}, "
-        f"decoder families: {sorted(DECODER_TYPES)} (or any causal LM)"
+        f"decoder families: {sorted(DECODER_TYPES)} (or any causal LM), vision families: {sorted(VISION_TYPES)}"
     )
 
 
 class Backbone(nn.Module):
     """A frozen HF model plus what methods need to know about it (sizes, family) in one place."""
+
+    image: ImageSpec | None = None
+    """Vision backbones: the input they expect (set by `load_backbone`)."""
 
     def __init__(self, model: nn.Module, *, keep_dropout: bool):
         super().__init__()
@@ -152,7 +160,7 @@ class Backbone(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
-        self.vocab_size = config.vocab_size
+        self.vocab_size = getattr(config, "vocab_size", 0)  # vision backbones have none
         self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self.keep_dropout = keep_dropout
         for p in model.parameters():
@@ -277,6 +285,66 @@ class Backbone(nn.Module):
         assert len(heads) == 1, "backbone was loaded without its LM head"
         return heads[0](hidden)
 
+    def encode_image(self, pixel_values: torch.Tensor, *, edit_embeddings=None, edit_layer_input=None) -> torch.Tensor:
+        """Run a vision backbone on (B, C, H, W) pixels; returns the last hidden states (B, S, H), final norm applied.
+
+        `edit_embeddings(tokens)` gets the embeddings' output (B, K + N, H): K leading tokens (`image.
+        num_leading_tokens`), N patches, position embeddings added; what it returns (it may be longer) is what the
+        first layer reads. `edit_layer_input(i, states)` gets the states entering layer i and returns what that layer
+        reads, of the same shape. Both run as hooks inside the model's own forward, so ZeRO-3 gathering, gradient
+        checkpointing and the attention implementation stay as they are.
+        """
+        handles = []
+        try:
+            if edit_embeddings is not None:
+                embeddings = self.base.embeddings
+                handles.append(embeddings.register_forward_hook(lambda module, args, out: edit_embeddings(out)))
+            if edit_layer_input is not None:
+                for index, layer in enumerate(self.layer_stack()):  # every family calls layer(hidden_states, ...)
+                    handles.append(layer.register_forward_pre_hook(
+                        lambda module, args, index=index: (edit_layer_input(index, args[0]), *args[1:])))
+            return self.base(pixel_values=pixel_values).last_hidden_state
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a vision backbone expects as input: from its config.json and, when present, preprocessor_config.json."""
+
+    size: tuple[int, int]
+    """(height, width) that images are resized to."""
+    num_channels: int
+    mean: tuple[float, ...]
+    """Per-channel normalisation: (pixel in [0, 1] - mean) / std; 0.5 / 0.5 without a preprocessor_config.json."""
+    std: tuple[float, ...]
+    patch_size: int
+    num_leading_tokens: int
+    """Tokens before the patches in the embeddings' output (CLS; DeiT's distillation token)."""
+
+
+def image_spec(path: str, hf_config, **common) -> ImageSpec:
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    try:
+        processor, _ = ImageProcessingMixin.get_image_processor_dict(path, **common)
+    except (OSError, ValueError):  # no preprocessor_config.json (a random ViT made here): ViT's own defaults
+        processor = {}
+    channels = hf_config.num_channels
+    size = hf_config.image_size
+    for key in ("crop_size", "size") if processor.get("do_center_crop") else ("size",):
+        if isinstance(processor.get(key), dict) and {"height", "width"} <= processor[key].keys():
+            size = (processor[key]["height"], processor[key]["width"])
+            break
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    mean, std = processor.get("image_mean", 0.5), processor.get("image_std", 0.5)
+    per_channel = lambda v: tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * channels))  # noqa: E731
+    patch = hf_config.patch_size
+    return ImageSpec(size=size, num_channels=channels, mean=per_channel(mean), std=per_channel(std),
+                     patch_size=patch if isinstance(patch, int) else patch[0],
+                     num_leading_tokens=VISION_TYPES[hf_config.model_type])
+
 
 def load_backbone(
     cfg: ModelConfig, *, dtype: torch.dtype, with_lm_head: bool, ds_config: dict | None = None, empty: bool = False
@@ -314,10 +382,10 @@ def load_backbone(
         model = model_cls.from_config(hf_config, dtype=dtype, **common)
     else:
         model = model_cls.from_pretrained(path, dtype=dtype, **common)
-    tokenizer = AutoTokenizer.from_pretrained(path, **common)
-    if tokenizer.pad_token is None:
+    tokenizer = AutoTokenizer.from_pretrained(path, **common) if family != "vision" else None  # images: none
+    if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # decoders ship without one; padding is masked anyway
-    if len(tokenizer) > model.config.vocab_size:
+    if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
         raise ValueError(
             f"tokenizer of {path} has {len(tokenizer)} tokens but the model's vocabulary is "
             f"{model.config.vocab_size}: the tokenizer does not belong to this backbone"
@@ -328,6 +396,9 @@ def load_backbone(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         enable_prefix_checkpointing(model)
     backbone = Backbone(model, keep_dropout=cfg.dropout)
+    if family == "vision":
+        backbone.image = image_spec(path, hf_config, **common)
+        model.embeddings.mask_token = None  # masked-image pretraining only; no forward here uses it
     backbone._ds_config_ref = keep_alive  # plain attribute: keeps HfDeepSpeedConfig alive with the model
     return backbone, tokenizer
 

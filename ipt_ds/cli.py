@@ -8,6 +8,7 @@
   ipt-ds estimate-memory CONFIG.yaml [--world_size=N] per-rank memory before a run (frozen-aware)
   ipt-ds show-config CONFIG.yaml [--key=value ...]   print the resolved configuration
   ipt-ds methods | tasks                             list what is registered
+  ipt-ds make-digits DIR | make-vit DIR              sklearn's digits as images; a random-weight ViT
   ipt-ds pretrain CONFIG.yaml | build-corpus ...     commands of installed plugins (here `pretrain/`, docs/pretrain.md)
 
 Other packages add commands through the `ipt_ds.commands` entry-point group; ipt_ds never imports them itself.
@@ -141,7 +142,14 @@ def estimate(config: str | None = None, **overrides):
 
     cfg = load_config(config, overrides)
     torch.manual_seed(cfg.run.seed)
-    model, _ = build_model(cfg, get_task(cfg.data.task), dtype=torch.float32, ds_config=None)
+    if cfg.data.format in ("imagefolder", "npz"):  # the class count comes from the data
+        from ipt_ds.data.images import class_names_of
+        from ipt_ds.vision import build_image_model
+
+        num_labels = len(class_names_of(cfg.data.format, cfg.data.root, cfg.data.train_split))
+        model = build_image_model(cfg, num_labels, dtype=torch.float32, ds_config=None)
+    else:
+        model, _ = build_model(cfg, get_task(cfg.data.task), dtype=torch.float32, ds_config=None)
     counts = model.parameter_report()
     print(f"method {cfg.method.name} on {cfg.model.name_or_path}")
     for part in ("method", "head"):
@@ -176,6 +184,34 @@ def show_config(config: str | None = None, **overrides):
     from ipt_ds.config import load_config
 
     print(yaml.safe_dump(load_config(config, overrides).to_dict(), sort_keys=False), end="")
+
+
+@_user_errors
+def make_digits(directory: str, seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2,
+                format: str = "npz"):  # noqa: A002 - the flag users type is --format
+    """Write scikit-learn's 8x8 digits to DIRECTORY (new or empty) as train, val and test splits (stratified, drawn
+    with --seed), as npz files or (--format=imagefolder) PNG files in class folders."""
+    from ipt_ds.data.images import write_digits
+
+    sizes = write_digits(directory, seed=int(seed), val_fraction=float(val_fraction),
+                         test_fraction=float(test_fraction), layout=str(format))
+    print(f"wrote {', '.join(f'{n} {split}' for split, n in sizes.items())} images of 10 classes to {directory} "
+          f"({format})")
+
+
+@_user_errors
+def make_vit(directory: str, image_size: int = 32, patch_size: int = 4, hidden_size: int = 64, num_layers: int = 4,
+             num_heads: int = 4, intermediate_size: int = 128, num_channels: int = 3, initializer_range: float = 0.02,
+             seed: int = 0):
+    """Save a ViT with random weights to DIRECTORY (new or empty), for tests and the digits demo: frozen random
+    weights show that the mechanism works, not what a pretrained ViT reaches."""
+    from ipt_ds.vision import make_vit as make
+
+    sizes = {"image_size": image_size, "patch_size": patch_size, "hidden_size": hidden_size, "num_layers": num_layers,
+             "num_heads": num_heads, "intermediate_size": intermediate_size, "num_channels": num_channels,
+             "seed": seed}
+    make(directory, **{k: int(v) for k, v in sizes.items()}, initializer_range=float(initializer_range))
+    print(f"saved a random-weight ViT ({', '.join(f'{k}={v}' for k, v in sizes.items())}) to {directory}")
 
 
 def methods():
@@ -213,7 +249,8 @@ def main() -> None:
     try:
         fire.Fire({**_plugin_commands(), "train": train, "evaluate": evaluate, "predict": predict,
                    "estimate": estimate, "show-config": show_config, "methods": methods, "tasks": tasks,
-                   "predict-mixed": predict_mixed, "estimate-memory": estimate_memory})
+                   "predict-mixed": predict_mixed, "estimate-memory": estimate_memory, "make-digits": make_digits,
+                   "make-vit": make_vit})
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -47,9 +47,12 @@ class RunConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     task: str = "rte"
-    """Task name (rte, cb, boolq, sst2, multirc, ...; `ipt-ds tasks` lists them) or 'custom' with `fields`."""
-    format: Literal["superglue", "glue", "fewglue", "lmbff", "jsonl", "csv", "tsv", "hub"] = "superglue"
-    """File layout under `root`; jsonl/csv/tsv read the split paths as given; hub loads from the HF hub."""
+    """Task name (rte, cb, boolq, sst2, multirc, ...; `ipt-ds tasks` lists them) or 'custom' with `fields`; for
+    image formats any name (its labels come from the data)."""
+    format: Literal["superglue", "glue", "fewglue", "lmbff", "jsonl", "csv", "tsv", "hub", "imagefolder", "npz"] = \
+        "superglue"
+    """File layout under `root`; jsonl/csv/tsv read the split paths as given; hub loads from the HF hub. Images:
+    imagefolder reads <root>/<split>/<class>/<files>, npz reads <root>/<split>.npz (docs/methods/vpt.md)."""
     root: str = ""
     """Data root. Empty: $IPT_DS_DATA, else ../shared/data next to the repo when it exists, else the HF hub."""
     train_split: str = "train"
@@ -70,6 +73,8 @@ class DataConfig:
     def validate(self) -> list[str]:
         from ipt_ds.data.tasks import get_task
 
+        if self.format in ("imagefolder", "npz"):
+            return []
         try:
             get_task(self.task)
         except ValueError as err:

@@ -26,7 +26,8 @@ class HeadConfig:
     type: Literal["linear", "verbalizer"] = "linear"
     """linear: new Linear on a pooled state; verbalizer: the pretrained LM head scored at the label position."""
     pool: Literal["auto", "cls", "mean", "last"] = "auto"
-    """Linear head input. auto: first real token (CLS) for encoders, last real token for decoders."""
+    """Linear head input. auto: first real token (CLS) for encoders and vision transformers, last real token for
+    decoders."""
     dropout: float = 0.1
     """Dropout before the linear head (training only)."""
     label_words: list[str] = field(default_factory=list)
@@ -50,10 +51,12 @@ class HeadConfig:
         return problems
 
 
-def pool_hidden(out: MethodOutput, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
+def pool_hidden(out: MethodOutput, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
     """(B, H) summary of the T real tokens (right-padded, after the method's P prefix positions): the first (CLS),
     the last, or their mean."""
     hidden = out.hidden[:, out.num_prefix :].float()  # (B, T, H)
+    if attention_mask is None:  # images: every position is real
+        attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
     if how == "mean":
         mask = attention_mask.unsqueeze(-1).float()  # (B, T, 1)
         return (hidden * mask).sum(1) / mask.sum(1)
@@ -71,7 +74,7 @@ class LinearHead(nn.Module):
 
     def forward(self, out: MethodOutput, batch: dict, pair: MethodOutput | None = None):
         """Return (logits (B, C), or scores (B,) for regression; loss if the batch has labels)."""
-        features = pool_hidden(out, batch["attention_mask"], self.pool)  # (B, H)
+        features = pool_hidden(out, batch.get("attention_mask"), self.pool)  # (B, H)
         if pair is not None:
             v = pool_hidden(pair, batch["pair_attention_mask"], self.pool)
             features = torch.cat([features, v, (features - v).abs(), features * v], dim=-1)  # (B, 4H)
@@ -107,5 +110,5 @@ class VerbalizerHead(nn.Module):
 def build_head(cfg: HeadConfig, backbone: Backbone, *, num_labels: int, label_token_ids: list[int]) -> nn.Module:
     if cfg.type == "verbalizer":
         return VerbalizerHead(backbone, label_token_ids, full_vocab_loss=cfg.full_vocab_loss)
-    pool = cfg.pool if cfg.pool != "auto" else ("cls" if backbone.family == "encoder" else "last")
+    pool = cfg.pool if cfg.pool != "auto" else ("last" if backbone.family == "decoder" else "cls")
     return LinearHead(backbone.hidden_size, max(num_labels, 1), pool=pool, dropout=cfg.dropout, siamese=cfg.siamese)

@@ -1,7 +1,8 @@
 """The training loop and evaluation: `train` -> `train_step`, `evaluate` -> `predict_examples`.
 
 `train` runs one loop for any `Recipe` (what is trained on, how it is scored and exported): `TaskRecipe` fine-tunes
-on one task; `pretrain/` brings its own recipes and reuses the loop, its checkpoints and its logs unchanged.
+on one task, `vision.ImageRecipe` on an image classification set; `pretrain/` brings its own recipes and reuses the
+loop, its checkpoints and its logs unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import yaml
 from ipt_ds import checkpoint, failures
 from ipt_ds.config import Config
 from ipt_ds.data.encode import TextEncoder, collate
+from ipt_ds.data.images import IMAGE_FORMATS
 from ipt_ds.data.pipeline import load_task_splits, rank_eval_batches, rank_train_batches
 from ipt_ds.data.tasks import Example, Task
 from ipt_ds.engine import (
@@ -36,6 +38,7 @@ from ipt_ds.engine import (
 )
 from ipt_ds.metrics import compute_metrics
 from ipt_ds.model import PromptModel, build_model
+from ipt_ds.vision import ImageRecipe
 
 log = logging.getLogger("ipt_ds")
 
@@ -135,6 +138,9 @@ class Recipe(Protocol):
         """After the last step: the results, which rank 0 also writes to `out`/results.json."""
         ...
 
+    # Optional, for inputs other than token ids (images): `collate(features) -> batch` and `lengths(features)`, the
+    # sizes that training batches are bucketed by. Without them: `collate(features, pad_id)` and token counts.
+
 
 class TaskRecipe:
     """Fine-tuning on the task of `cfg.data` (`ipt-ds train`); the export is the trained tensors (`best/`)."""
@@ -169,7 +175,8 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     on `cfg.data`."""
     import deepspeed
 
-    recipe = recipe or TaskRecipe(cfg)
+    if recipe is None:
+        recipe = ImageRecipe(cfg) if cfg.data.format in IMAGE_FORMATS else TaskRecipe(cfg)
     rank, world = init_distributed(cfg.run.collective_timeout_s)
     failures.start(rank, world)
     out = check_run_dir(cfg, world)  # nothing on disk changes before data, model and engine are built
@@ -178,7 +185,8 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     model, features, pad_id, about = recipe.build(ds_config)
     fit_zero3_buckets(ds_config, model.backbone.hidden_size)
     accumulation = ds_config["gradient_accumulation_steps"]
-    lengths = [len(f["input_ids"]) for f in features]
+    lengths = recipe.lengths(features) if hasattr(recipe, "lengths") else [len(f["input_ids"]) for f in features]
+    collate_batch = getattr(recipe, "collate", None) or (lambda chosen: collate(chosen, pad_id))
     steps_per_epoch = len(rank_train_batches(lengths, micro_batch_size=cfg.train.micro_batch_size, rank=0,
                                              world_size=world, accumulation=accumulation, seed=0)) // accumulation
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
@@ -219,7 +227,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
         while state.micro_in_epoch < len(batches) and state.step < total_steps:
             chunk = batches[state.micro_in_epoch : state.micro_in_epoch + accumulation]
             failures.begin_step(state.step + 1)
-            loss = train_step(engine, [collate([features[i] for i in b], pad_id) for b in chunk])
+            loss = train_step(engine, [collate_batch([features[i] for i in b]) for b in chunk])
             state.micro_in_epoch += accumulation
             state.step += 1
             window_samples += cfg.train.batch_size

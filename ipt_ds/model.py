@@ -62,8 +62,13 @@ def build_model(
                     "sources you trust", cfg.model.name_or_path)
     if verbalizer and task.is_regression:
         raise ValueError(f"head.type 'verbalizer' cannot score the regression task '{task.name}'; use head.type linear")
+    if "text" not in get_method(cfg.method.name).inputs:
+        raise ValueError(f"method.name '{cfg.method.name}' works on images; set data.format to imagefolder or npz")
     backbone, tokenizer = loaded or load_backbone(cfg.model, dtype=dtype, with_lm_head=verbalizer,
                                                  ds_config=ds_config)
+    if backbone.family == "vision":
+        raise ValueError(f"model.name_or_path '{cfg.model.name_or_path}' is a vision transformer; text tasks need a "
+                         "language model (for images set data.format to imagefolder or npz)")
     words = cfg.head.label_words or list(task.label_words)
     token_ids: list[int] = []
     if verbalizer:

@@ -127,3 +127,39 @@ def run_cli(*args: str, num_ranks: int = 1, timeout: int = 600, env: dict | None
 def read_log(run_dir: Path, key: str) -> list[float]:
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     return [r[key] for r in rows if key in r]
+
+
+VISION_FAMILIES = ("vit", "deit", "dinov2")
+
+
+def save_tiny_vision(kind: str, out: Path) -> Path:
+    """A tiny random-weight vision transformer (16 x 16 RGB input, 4 x 4 patches, no preprocessor_config.json).
+    Weights drawn 10x wider than transformers' default (std 0.2): at 0.02 the frozen CLS state barely depends on the
+    image, and a few steps could not tell a working method from a broken one."""
+    import torch
+    from transformers import DeiTConfig, DeiTModel, Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    sizes = dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, initializer_range=0.2)
+    config_cls, model_cls = {"vit": (ViTConfig, ViTModel), "deit": (DeiTConfig, DeiTModel),
+                             "dinov2": (Dinov2Config, Dinov2Model)}[kind]
+    model_cls(config_cls(**sizes)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_models(tmp_path_factory) -> dict[str, Path]:
+    return {kind: save_tiny_vision(kind, tmp_path_factory.mktemp(f"tiny-{kind}")) for kind in VISION_FAMILIES}
+
+
+def two_class_images(num: int, *, size: int = 8, seed: int = 0):
+    """(N, size, size) uint8 images whose class is which half is bright (0: top, 1: bottom), with noise; labels (N,)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = np.arange(num) % 2
+    images = rng.integers(0, 60, (num, size, size))
+    for image, label in zip(images, labels):
+        image[label * size // 2 : (label + 1) * size // 2] += 180
+    return images.astype(np.uint8), labels

@@ -1,4 +1,5 @@
-"""Every registered method x every backbone family, in-process on tiny random models (real tokenizers).
+"""Every registered method x every backbone family it takes, in-process on tiny random models (real tokenizers;
+vision transformers for the methods that take images).
 
 Per cell: forward and backward run, the trainable count equals the method's formula, frozen weights stay
 bit-identical, the loss falls when fitting a small batch, and a zero-length prompt leaves the backbone's output
@@ -19,9 +20,12 @@ from ipt_ds.data.readers import read_split
 from ipt_ds.data.tasks import get_task
 from ipt_ds.methods import METHODS, get_method
 from ipt_ds.model import build_model
-from tests.conftest import FAMILIES, write_entailment_task, write_topic_task
+from tests.conftest import FAMILIES, VISION_FAMILIES, two_class_images, write_entailment_task, write_topic_task
 
 NUM_PROMPT, NUM_LABELS = 4, 2
+TEXT_METHODS = sorted(name for name, spec in METHODS.items() if "text" in spec.inputs)
+IMAGE_CELLS = [pytest.param(name, {}, id=name) for name, spec in sorted(METHODS.items()) if "image" in spec.inputs]
+IMAGE_CELLS.append(pytest.param("vpt", {"method.depth": "deep"}, id="vpt-deep"))
 PREFIX_METHODS = {"ptuning_v2", "prefix"}  # key/value prefixes: DeBERTa's attention takes no cache
 
 
@@ -72,6 +76,7 @@ def expected_trainable(name: str, model, cfg) -> int:
         + head,  # the default NPG generator
         "bitfit": lambda: sum(m.bias.numel() for m in bb.modules()
                               if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)) and m.bias is not None) + head,
+        "vpt": lambda: (bb.num_layers if method.depth == "deep" else 1) * NUM_PROMPT * hidden + head,
     }
     assert set(formulas) == set(METHODS), "every registered method needs its parameter formula here"
     return formulas[name]()
@@ -105,7 +110,7 @@ def build(family: str, name: str, models, data):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", TEXT_METHODS)
 def test_method_cell(family, name, tiny_models, data):
     if family == "deberta-v2" and name in PREFIX_METHODS:
         with pytest.raises(ValueError, match="not supported on DeBERTa"):
@@ -280,11 +285,47 @@ def test_bitfit_with_null_prompt_trains_the_mlm_vocabulary_bias(family, tiny_mod
     assert vocab_bias.grad is not None and vocab_bias.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", TEXT_METHODS)
 def test_every_method_runs_in_bf16(name, tiny_models, data):
     """DeepSpeed's bf16 configs cast the whole module, method and head included: no fp32 tensor may meet them."""
     cfg, model, batch = build("bert", name, tiny_models, data)
     model.to(torch.bfloat16).train()
+    logits, loss = model(batch)
+    loss.backward()
+    assert logits.dtype == torch.float32 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+@pytest.mark.parametrize(("name", "options"), IMAGE_CELLS)
+def test_image_method_cell(family, name, options, tiny_vision_models):
+    """The image cells: trainable count, gradients, frozen weights, the loss falls on 16 images, and bf16 runs."""
+    from ipt_ds.data.images import ImageBatcher
+    from ipt_ds.vision import build_image_model
+
+    torch.manual_seed(0)
+    cfg = load_config(None, {"model.name_or_path": str(tiny_vision_models[family]), "data.format": "npz",
+                             "data.task": "halves", "head.dropout": 0.0, **method_overrides(name), **options})
+    model = build_image_model(cfg, NUM_LABELS, dtype=torch.float32, ds_config=None)
+    images, labels = two_class_images(16)
+    batch = ImageBatcher(model.backbone.image)([{"image": torch.from_numpy(image)[None], "labels": int(label)}
+                                                for image, label in zip(images, labels)])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == expected_trainable(name, model, cfg)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    model.train()
+    optimizer = torch.optim.Adam(trainable, lr=1e-2)
+    losses = []
+    for _ in range(25):
+        logits, loss = model(batch)
+        assert logits.shape == (16, NUM_LABELS)
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None for p in trainable), "every trainable tensor is on the loss path"
+        optimizer.step()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < 0.8 * losses[0], losses
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    model.to(torch.bfloat16)
     logits, loss = model(batch)
     loss.backward()
     assert logits.dtype == torch.float32 and torch.isfinite(loss)

@@ -21,14 +21,16 @@ class MethodSpec:
     config_cls: type[MethodConfig]
     build: Callable[..., nn.Module]
     """build(config, backbone, tokenizer) -> the method module (its parameters are the trainable ones)."""
+    inputs: tuple[str, ...] = ("text",)
+    """What the method can run on: "text" (token ids) and/or "image" (pixel values of a vision backbone)."""
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register(name: str, config_cls: type[MethodConfig]):
+def register(name: str, config_cls: type[MethodConfig], *, inputs: tuple[str, ...] = ("text",)):
     def wrap(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        METHODS[name] = MethodSpec(name=name, config_cls=config_cls, build=build)
+        METHODS[name] = MethodSpec(name=name, config_cls=config_cls, build=build, inputs=inputs)
         return build
 
     return wrap
@@ -41,6 +43,6 @@ def get_method(name: str) -> MethodSpec:
 
 
 # Importing a method module registers it; this list is the one line a new method adds outside its own file.
-from ipt_ds.methods import bitfit, deep_prompt, finetune, ipt, lpt, prompt_tuning, ptuning_v1  # noqa: E402, F401
+from ipt_ds.methods import bitfit, deep_prompt, finetune, ipt, lpt, prompt_tuning, ptuning_v1, vpt  # noqa: E402, F401
 
 __all__ = ["METHODS", "MethodConfig", "MethodOutput", "MethodSpec", "get_method", "register"]

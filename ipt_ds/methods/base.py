@@ -28,7 +28,12 @@ class MethodOutput(NamedTuple):
 
 
 def run_with_input_prompt(backbone: Backbone, prompt: torch.Tensor | None, batch: dict) -> MethodOutput:
-    """Prepend `prompt` (B, P, H) to the input's word embeddings and run the backbone (P = 0 for no prompt)."""
+    """Prepend `prompt` (B, P, H) to the input's word embeddings and run the backbone (P = 0 for no prompt).
+    Without a prompt, images run through their vision backbone unchanged."""
+    if "pixel_values" in batch:
+        assert prompt is None, "input prompts are for token embeddings; images take visual prompts (methods/vpt.py)"
+        hidden = backbone.encode_image(batch["pixel_values"])  # (B, S, H)
+        return MethodOutput(hidden, hidden.new_ones(hidden.shape[:2], dtype=torch.long), 0)
     embeds = backbone.embed(batch["input_ids"])  # (B, T, H)
     mask = batch["attention_mask"]
     num_prefix = 0

@@ -31,7 +31,7 @@ def is_bitfit_bias(module: nn.Module, name: str) -> bool:
     return name == "bias" and isinstance(module, (nn.Linear, nn.LayerNorm))
 
 
-@register("bitfit", BitFitConfig)
+@register("bitfit", BitFitConfig, inputs=("text", "image"))
 def build(cfg: BitFitConfig, backbone: Backbone, tokenizer) -> nn.Module:
     for module in backbone.modules():
         for name, param in module.named_parameters(recurse=False):

@@ -29,13 +29,13 @@ class LinearProbeConfig(MethodConfig):
     name: str = "linear_probe"
 
 
-@register("full", FullConfig)
+@register("full", FullConfig, inputs=("text", "image"))
 def build_full(cfg: FullConfig, backbone: Backbone, tokenizer) -> nn.Module:
     for p in backbone.parameters():
         p.requires_grad_(True)
     return NoPrompt()
 
 
-@register("linear_probe", LinearProbeConfig)
+@register("linear_probe", LinearProbeConfig, inputs=("text", "image"))
 def build_linear_probe(cfg: LinearProbeConfig, backbone: Backbone, tokenizer) -> nn.Module:
     return NoPrompt()
