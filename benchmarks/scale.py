@@ -2,7 +2,7 @@
 peak memory, step time and achieved FLOP/s against the machine's measured GEMM peak; past RAM with ZeRO-Infinity
 (parameter partitions on NVMe, read through DeepSpeed's async I/O).
 
-    python -m benchmarks.scale [--cells 125m 1b 3b 4b 7b 7b-nvme 1b-glibc] [--steps 3] [--device cpu|cuda]
+    python -m benchmarks.scale [--cells 125m 1b 1.5b 3b 7b 7b-nvme 125m-glibc] [--steps 3] [--device cpu|cuda]
         [--nvme-dir DIR] [--margin-gib 1.5] [--wait-for-memory 0] [--name scale]
 
 A cell is a shape (`SHAPES`, published LLaMA-family widths and depths with SmolLM2's 49,152-token vocabulary) and
@@ -45,14 +45,16 @@ SHAPES = {  # name -> hidden, intermediate, layers, attention heads, key/value h
     "tiny": (64, 128, 2, 4, 2, "a tiny LLaMA (tests of this script)"),
     "125m": (768, 2048, 12, 12, 12, "LLaMA-style 125M (GPT-3 Small widths)"),
     "1b": (2048, 5632, 22, 32, 4, "TinyLlama-1.1B"),
+    "1.5b": (1536, 8960, 28, 12, 2, "Qwen2.5-1.5B, as a LLaMA"),
     "3b": (3072, 8192, 28, 24, 8, "Llama-3.2-3B"),
     "4b": (3072, 8192, 32, 32, 32, "Phi-3-mini (3.8B), as a LLaMA"),
     "7b": (4096, 11008, 32, 32, 32, "LLaMA-7B / Llama-2-7B"),
 }
-DEFAULT_CELLS = ["125m", "1b", "3b", "4b", "7b", "7b-nvme", "1b-glibc"]
+DEFAULT_CELLS = ["125m", "1b", "1.5b", "3b", "7b", "7b-nvme", "125m-glibc"]
 # Every allocation from 1 MiB up gets its own mapping, which free() returns to the kernel. With glibc's defaults
 # (a threshold that grows up to 32 MiB) ZeRO-3's freed parameter gathers stay in the heap below the activations
-# saved after them; a 1B backbone then peaked at 7.5 GiB per rank instead of about 3.5. Cells named -glibc keep them.
+# saved after them: the 125m shape peaked at 1.8 GiB per rank instead of 1.1, the 1b one at 7.5 instead of 6.5.
+# Cells named -glibc keep the defaults.
 MMAP_THRESHOLD = 2**20
 VOCAB = 49_152  # SmolLM2's tokenizer (LLaMA-1/2 have 32,000 tokens, Llama-3 128,256): only the embedding differs
 SEQ_LEN, NUM_PROMPT, MICRO_BATCH = 64, 8, 1
@@ -168,10 +170,12 @@ def available_bytes() -> int:
     return 0
 
 
-def gemm_shapes(shape: str) -> dict[str, tuple[int, int, int]]:
-    """A large square product, and the shape's own MLP up-projection at the training's tokens per rank."""
+def gemm_shapes(shape: str, device: str) -> dict[str, tuple[int, int, int]]:
+    """A large square product (larger on a GPU, which 2048 does not fill), and the shape's own MLP up-projection at
+    the training's tokens per rank."""
     hidden, inter, *_ = SHAPES[shape]
-    return {"square": (2048, 2048, 2048), "MLP": (MICRO_BATCH * (SEQ_LEN + NUM_PROMPT), hidden, inter)}
+    side = 2048 if device == "cpu" else 8192
+    return {"square": (side, side, side), "MLP": (MICRO_BATCH * (SEQ_LEN + NUM_PROMPT), hidden, inter)}
 
 
 def watch(launcher: subprocess.Popen, timeline: Path, *, min_free: float) -> int | str:
@@ -213,7 +217,8 @@ def run_cell(runs: Path, cell: str, config: Path, *, world: int, device: str, ne
             return {"skipped": f"needs {need / 2**30:.1f} GiB (estimate x {world} ranks + margin), "
                                f"{available_bytes() / 2**30:.1f} GiB available"}
         time.sleep(30)
-    gemm = measure_gemm(device=device, world=world, shapes=gemm_shapes(parse_cell(cell)[0]))  # as loaded as the run
+    # Measured right before the run, so that both see the machine equally loaded.
+    gemm = measure_gemm(device=device, world=world, shapes=gemm_shapes(parse_cell(cell)[0], device))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -408,7 +413,7 @@ def plot(out: Path, rows: list[dict]) -> None:
         speed.plot(billions, [r["achieved_flops_per_s"] / 1e9 for r in some], marker=marker,
                    label=f"achieved (training step), weights in {weights}")
         speed.plot(billions, [r["gemm_flops_per_s"]["square"] / 1e9 for r in some], marker=marker, linestyle="--",
-                   color="grey", label="GEMM peak (2048 square), measured before each cell" if marker == "o" else None)
+                   color="grey", label="GEMM peak (square), measured before each cell" if marker == "o" else None)
     skipped = [r["cell"] for r in rows if r["status"] != "measured"]
     if skipped:
         mem.set_title(f"not run: {', '.join(skipped)}", fontsize=8)
