@@ -187,9 +187,9 @@ def watch(launcher: subprocess.Popen, timeline: Path, *, min_free: float) -> int
     with open(timeline, "w") as out:
         out.write("seconds\tavailable_mib\trank_rss_mib\n")
         while launcher.poll() is None:
-            ranks = [c for c in psutil.Process(launcher.pid).children(recursive=True)
-                     if any(arg.startswith("--local_rank") for arg in c.cmdline())]
-            try:
+            try:  # ranks come and go (a rank that has exited is a zombie until the launcher reaps it)
+                ranks = [c for c in psutil.Process(launcher.pid).children(recursive=True)
+                         if any(arg.startswith("--local_rank") for arg in c.cmdline())]
                 rss = [round(c.memory_info().rss / 2**20) for c in ranks]
             except psutil.Error:
                 rss = []
