@@ -26,6 +26,9 @@ def load_for_inference(export_dir: str, overrides: dict):
 
     meta, tensors = checkpoint.read_export(Path(export_dir))
     cfg = config_from_dict(meta["config"], overrides, source=export_dir)
+    if cfg.data.format in ("imagefolder", "npz"):
+        raise ValueError(f"'{export_dir}' is an image classification export; evaluate and predict take text exports "
+                         "(the run's results.json holds its eval and test scores)")
     rank, world = init_distributed(cfg.run.collective_timeout_s)
     ds_config = {k: v for k, v in meta["ds_config"].items() if k not in ("gradient_accumulation_steps",)}
     ds_config["train_batch_size"] = ds_config["train_micro_batch_size_per_gpu"] * world

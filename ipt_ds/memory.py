@@ -341,6 +341,9 @@ def report(cfg, *, world_size: int = 1, batch_size: int | None = None, seq_len: 
     from ipt_ds.engine import ds_dtype, fit_zero3_buckets, resolve_ds_config
     from ipt_ds.model import build_model
 
+    if cfg.data.format in ("imagefolder", "npz"):
+        raise ValueError("estimate-memory models token sequences; it does not cover image configs (data.format "
+                         f"{cfg.data.format}); `ipt-ds estimate` counts their parameters")
     if dtype is not None and dtype not in DTYPE_BYTES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     if offload is not None and offload not in OFFLOAD:

@@ -157,6 +157,11 @@ def test_methods_and_backbones_that_do_not_pair(tiny_vision_models, tiny_bert, t
         build_model(load_config(None, {"model.name_or_path": str(tiny_vision_models["vit"]),
                                        "method.name": "linear_probe"}), get_task("rte"), dtype=torch.float32,
                     ds_config=None)
+    from ipt_ds.memory import report
+
+    with pytest.raises(ValueError, match="estimate-memory models token sequences; it does not cover image configs"):
+        report(load_config(None, {"model.name_or_path": str(tiny_vision_models["vit"]), "method.name": "vpt",
+                                  **image_cfg}))
 
 
 def test_npz_reader(tmp_path):
@@ -239,31 +244,37 @@ def test_batches_take_the_backbones_size_channels_and_normalisation(tmp_path, ti
     torch.testing.assert_close(batch["pixel_values"][:, :, 5, 7], expected.expand(2, -1))
 
 
-def test_make_commands_write_once_and_refuse_to_overwrite(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits") / "digits"
+    assert write_digits(str(out)) == {"train": 1077, "val": 360, "test": 360}
+    return out
+
+
+def test_make_commands_write_once_and_refuse_to_overwrite(digits, tmp_path, capsys):
     from ipt_ds import cli
 
-    sizes = write_digits(str(tmp_path / "digits"))
-    assert sizes == {"train": 1077, "val": 360, "test": 360}
-    train = read_image_split("npz", str(tmp_path / "digits"), "train")
+    train = read_image_split("npz", str(digits), "train")
     assert train.class_names == [str(d) for d in range(10)] and train.images[0].shape == (1, 8, 8)
     assert np.bincount(train.labels).min() >= 100  # stratified
-    make_vit(str(tmp_path / "vit"), image_size=8, patch_size=4, hidden_size=8, num_layers=1, num_heads=2,
-             intermediate_size=8)
-    assert json.loads((tmp_path / "vit" / "config.json").read_text())["model_type"] == "vit"
-    for command, target in ((cli.make_digits, "digits"), (cli.make_vit, "vit")):
+    (tmp_path / "vit").mkdir()
+    (tmp_path / "vit" / "notes.txt").write_text("someone's file")
+    for command, target in ((cli.make_digits, digits), (cli.make_vit, tmp_path / "vit")):
         with pytest.raises(SystemExit) as exit_code:
-            command(str(tmp_path / target))
+            command(str(target))
         assert exit_code.value.code == 2
         assert "is not an empty directory; choose a new one (nothing is overwritten)" in capsys.readouterr().err
+    assert sorted(p.name for p in digits.iterdir()) == ["test.npz", "train.npz", "val.npz"]
+    assert [p.name for p in (tmp_path / "vit").iterdir()] == ["notes.txt"]
 
 
-def test_vpt_trains_on_digits_on_two_ranks_with_zero3(tmp_path):
+def test_vpt_trains_on_digits_on_two_ranks_with_zero3(digits, tmp_path):
     """The shipped config through the deepspeed launcher: 2 ranks, the backbone partitioned by ZeRO-3."""
-    write_digits(str(tmp_path / "digits"))
     make_vit(str(tmp_path / "vit"), image_size=16, hidden_size=32, num_layers=2, intermediate_size=64,
              initializer_range=0.2)
+    assert json.loads((tmp_path / "vit" / "config.json").read_text())["model_type"] == "vit"
     result = run_cli("train", "configs/digits/vpt_deep_vit.yaml", f"--model.name_or_path={tmp_path / 'vit'}",
-                     f"--data.root={tmp_path / 'digits'}", "--deepspeed.config=ds_configs/zero3.json",
+                     f"--data.root={digits}", "--deepspeed.config=ds_configs/zero3.json",
                      f"--run.output_dir={tmp_path / 'run'}", "--method.num_tokens=4", "--train.max_steps=15",
                      "--train.eval_every=15", "--optim.lr=0.05", "--run.log_every=1", num_ranks=2)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -278,4 +289,8 @@ def test_vpt_trains_on_digits_on_two_ranks_with_zero3(tmp_path):
     from safetensors.torch import load_file
 
     assert load_file(tmp_path / "run" / "best" / "model.safetensors")["method.prompts"].shape == (2, 4, 32)
+    from ipt_ds.infer import load_for_inference
+
+    with pytest.raises(ValueError, match="is an image classification export; evaluate and predict take text"):
+        load_for_inference(str(tmp_path / "run" / "best"), {})
 
