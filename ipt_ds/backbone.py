@@ -118,6 +118,29 @@ def prefix_cache(prefix: list[tuple[torch.Tensor, torch.Tensor]], config):
     return cache
 
 
+def late_cache(lower, upper, config, *, layer: int, num_prompt: int):
+    """One cache for decoding after late insertion: layers below `layer` hold `num_prompt` placeholder positions in
+    front (so that every layer, and the mask, has the same length) which their attention never reads."""
+    from transformers import DynamicCache
+
+    class LateCache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            if layer_idx < layer:
+                return keys[..., num_prompt:, :], values[..., num_prompt:, :]
+            return keys, values
+
+    cache = LateCache(config=config)
+    for index in range(config.num_hidden_layers):
+        source = lower if index < layer else upper
+        keys, values = source.layers[index].keys, source.layers[index].values
+        if index < layer:
+            keys, values = (nn.functional.pad(t, (0, 0, num_prompt, 0)) for t in (keys, values))
+        DynamicCache.update(cache, keys, values, index)
+    cache.late_layer, cache.num_prompt = layer, num_prompt
+    return cache
+
+
 def enable_prefix_checkpointing(model: nn.Module) -> None:
     """Let checkpointed layers keep the (read-only) prefix cache instead of silently dropping it."""
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -163,6 +186,10 @@ class Backbone(nn.Module):
         self.vocab_size = getattr(config, "vocab_size", 0)  # vision backbones have none
         self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self.keep_dropout = keep_dropout
+        self.positions_from_mask = False
+        """Decoders: position ids count the real tokens of the mask (generation tasks, whose sources are left-padded
+        and whose prompts must sit at the same positions in training and in cached decoding)."""
+        self._captured: list | None = None
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
@@ -195,6 +222,7 @@ class Backbone(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        position_offset: int = 0,
     ) -> torch.Tensor:
         """Run the backbone on (B, S, H) embeddings; returns the last hidden states (B, S, H).
 
@@ -203,6 +231,9 @@ class Backbone(nn.Module):
         `prefix` gives every layer a (keys, values) pair of shape (B, kv_heads, P, head_dim) that all positions
         attend to; the mask then covers P + S positions. They enter as a pre-filled transformers `Cache`, which every
         supported family concatenates in front of its own keys and values (positions of the input start at P).
+        With `positions_from_mask`, decoder positions count the mask's real tokens, shifted by `position_offset`
+        (LPT's lower layers: their input sits behind a prompt they do not see). Inside `capturing()` the keys and
+        values of this forward are kept in a growing cache, for decoding.
         """
         kwargs = {}
         if token_type_ids is not None and self.family == "encoder" and self.model.config.type_vocab_size > 1:
@@ -212,9 +243,31 @@ class Backbone(nn.Module):
             if self.model.config.model_type in ("deberta", "deberta-v2"):
                 raise ValueError("key/value prefixes are not supported on DeBERTa backbones (their attention takes "
                                  "no cache); use an input-level method such as prompt_tuning")
+        if self.positions_from_mask and self.family == "decoder":
+            positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+            kwargs["position_ids"] = positions + position_offset
+        if self._captured is not None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+            for layer, (keys, values) in enumerate(prefix or []):
+                cache.update(keys, values, layer)
+            self._captured.append(cache)
+            kwargs["past_key_values"] = cache
+        elif prefix is not None:
             kwargs["past_key_values"] = prefix_cache(prefix, self.model.config)
-        out = self.base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, **kwargs)
+        out = self.base(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                        use_cache=self._captured is not None, **kwargs)
         return out.last_hidden_state
+
+    @contextlib.contextmanager
+    def capturing(self):
+        """Within: every forward keeps its keys and values; yields the list of the caches made (decoding)."""
+        self._captured = []
+        try:
+            yield self._captured
+        finally:
+            self._captured = None
 
     def encode_late(
         self,
@@ -224,6 +277,7 @@ class Backbone(nn.Module):
         *,
         layer: int,
         make_prompt,
+        num_prompt: int,
     ) -> torch.Tensor:
         """Late insertion: put P prompt vectors in front of the states entering layer `layer` (0-based); return the
         last hidden states (B, P + T, H).
@@ -231,6 +285,7 @@ class Backbone(nn.Module):
         The embeddings and layers below `layer` run once without autograd, so nothing there keeps activations or
         receives gradients. `make_prompt(states (B, T, H))` builds the (B, P, H) prompt from their output; the
         stack then runs again from `layer` up on P + T positions (a (B, P + T) mask: the prompt is visible to all).
+        `num_prompt` = P. Inside `capturing()` the two passes leave one cache (see `late_cache`).
         """
         model_type = self.model.config.model_type
         if model_type not in LAYER_INPUT or getattr(getattr(self.base, "encoder", None), "conv", None) is not None:
@@ -242,7 +297,8 @@ class Backbone(nn.Module):
             lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
         try:
             with torch.no_grad(), self._only_layers(slice(0, layer)):
-                self.encode(inputs_embeds, attention_mask, token_type_ids)
+                # With positions from the mask, the input keeps the positions it has above k, behind the prompt.
+                self.encode(inputs_embeds, attention_mask, token_type_ids, position_offset=num_prompt)
         finally:
             hook.remove()
         states = captured[0]  # (B, T, H): the output of layer `layer - 1`, before any final norm
@@ -255,7 +311,12 @@ class Backbone(nn.Module):
                 handle = getattr(self.base, input_module).register_forward_hook(lambda module, args, out: entering)
                 scope.callback(handle.remove)
             # Where the embeddings' output is replaced, what they make of the input is unused: keep autograd out.
-            return self.encode(entering if input_module is None else entering.detach(), mask, token_type_ids)
+            hidden = self.encode(entering if input_module is None else entering.detach(), mask, token_type_ids)
+        if self._captured is not None:
+            upper = self._captured.pop()
+            self._captured.append(late_cache(self._captured.pop(), upper, self.model.config, layer=layer,
+                                             num_prompt=prompt.shape[1]))
+        return hidden
 
     def layer_stack(self) -> nn.ModuleList:
         """The ModuleList of transformer layers (BERT encoder.layer, GPT-2 h, LLaMA layers, ...)."""

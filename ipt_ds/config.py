@@ -14,6 +14,7 @@ from typing import Literal
 
 from ipt_ds.backbone import ModelConfig
 from ipt_ds.confload import ConfigError, build, load_yaml_with_lines
+from ipt_ds.generation import GenerationConfig
 from ipt_ds.heads import HeadConfig
 from ipt_ds.methods import MethodConfig, get_method
 
@@ -49,10 +50,11 @@ class DataConfig:
     task: str = "rte"
     """Task name (rte, cb, boolq, sst2, multirc, ...; `ipt-ds tasks` lists them) or 'custom' with `fields`; for
     image formats any name (its labels come from the data)."""
-    format: Literal["superglue", "glue", "fewglue", "lmbff", "jsonl", "csv", "tsv", "hub", "imagefolder", "npz"] = \
-        "superglue"
-    """File layout under `root`; jsonl/csv/tsv read the split paths as given; hub loads from the HF hub. Images:
-    imagefolder reads <root>/<split>/<class>/<files>, npz reads <root>/<split>.npz (docs/methods/vpt.md)."""
+    format: Literal["superglue", "glue", "fewglue", "lmbff", "e2e", "jsonl", "csv", "tsv", "hub", "imagefolder",
+                    "npz"] = "superglue"
+    """File layout under `root`; jsonl/csv/tsv read the split paths as given; hub loads from the HF hub. e2e reads
+    <root>/e2e (splits train / dev: devset.csv with every 10th source held out for dev; test: testset_w_refs.csv).
+    Images: imagefolder reads <root>/<split>/<class>/<files>, npz reads <root>/<split>.npz (docs/methods/vpt.md)."""
     root: str = ""
     """Data root. Empty: $IPT_DS_DATA, else ../shared/data next to the repo when it exists, else the HF hub."""
     train_split: str = "train"
@@ -68,7 +70,8 @@ class DataConfig:
     lmbff_seed: int = 13
     """LM-BFF data seed (13, 21, 42, 87, 100) for format: lmbff."""
     fields: dict[str, str] = field(default_factory=dict)
-    """Column mapping for custom jsonl/csv files: {text_a: ..., text_b: ..., label: ...}."""
+    """Column mapping for custom jsonl/csv files: {text_a: ..., text_b: ..., label: ...}; for generation tasks
+    {source: ..., target: ...}."""
 
     def validate(self) -> list[str]:
         from ipt_ds.data.tasks import get_task
@@ -148,6 +151,7 @@ class Config:
     train: TrainConfig
     optim: OptimConfig
     deepspeed: DeepSpeedConfig
+    generation: GenerationConfig
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,7 +162,7 @@ class Config:
 
 SECTIONS = {
     "run": RunConfig, "model": ModelConfig, "head": HeadConfig, "data": DataConfig,
-    "train": TrainConfig, "optim": OptimConfig, "deepspeed": DeepSpeedConfig,
+    "train": TrainConfig, "optim": OptimConfig, "deepspeed": DeepSpeedConfig, "generation": GenerationConfig,
 }
 DEFAULT_METHOD = "prompt_tuning"
 
@@ -172,7 +176,21 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 def config_from_dict(data: dict, overrides: dict | None = None, *, source: str, lines: dict | None = None) -> Config:
     """Build a Config from nested mappings (a parsed YAML, or the config saved with a run or export) and
     `--section.key=value` overrides; problems name the flag, else `source` and the line where known."""
-    return Config(**parse_sections(data, overrides, source=source, lines=lines, sections=SECTIONS))
+    return Config(**parse_sections(data, overrides, source=source, lines=lines, sections=SECTIONS, check=_check_head))
+
+
+def _check_head(sections: dict) -> list[tuple[str, str]]:
+    from ipt_ds.data.tasks import get_task
+
+    if sections["data"].format in ("imagefolder", "npz"):
+        return []
+    task, head = get_task(sections["data"].task), sections["head"].type
+    if task.generation and head != "lm":
+        return [("head.type", f"task '{task.name}' generates text: set head.type lm (the LM head on the targets)")]
+    if not task.generation and head == "lm":
+        return [("head.type", f"head.type lm is for generation tasks (e2e, generation); task '{task.name}' is "
+                              "classification: use linear or verbalizer")]
+    return []
 
 
 def parse_sections(

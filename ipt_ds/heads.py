@@ -23,8 +23,9 @@ from ipt_ds.methods import MethodOutput
 
 @dataclass(kw_only=True)
 class HeadConfig:
-    type: Literal["linear", "verbalizer"] = "linear"
-    """linear: new Linear on a pooled state; verbalizer: the pretrained LM head scored at the label position."""
+    type: Literal["linear", "verbalizer", "lm"] = "linear"
+    """linear: new Linear on a pooled state; verbalizer: the pretrained LM head scored at the label position;
+    lm: the pretrained LM head on every target token (generation tasks)."""
     pool: Literal["auto", "cls", "mean", "last"] = "auto"
     """Linear head input. auto: first real token (CLS) for encoders and vision transformers, last real token for
     decoders."""
@@ -33,7 +34,8 @@ class HeadConfig:
     label_words: list[str] = field(default_factory=list)
     """Verbalizer words, one per label in the task's label order; empty: the task's defaults."""
     template: str = ""
-    """Verbalizer template with {a}, {b} and {mask}; {mask} must end it for decoders. Empty: the task's default."""
+    """Verbalizer template with {a}, {b} and {mask}; {mask} must end it for decoders (and for generation, where the
+    target follows). Empty: the task's default."""
     full_vocab_loss: bool = True
     """Verbalizer training loss over the whole vocabulary (True) or over the label words only (False)."""
     siamese: bool = False
@@ -107,7 +109,25 @@ class VerbalizerHead(nn.Module):
         return logits, nn.functional.cross_entropy(logits, batch["labels"])
 
 
+class LMHead(nn.Module):
+    """Generation: the frozen pretrained LM head predicts each target token from the position before it."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self._vocab_logits = backbone.vocab_logits
+
+    def forward(self, out: MethodOutput, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (the target tokens' logits (N, V), their mean cross-entropy)."""
+        target = batch["attention_mask"].bool() & ~batch["source_mask"].bool()  # (B, T)
+        target[:, 0] = False  # nothing precedes the first token
+        rows, cols = target.nonzero(as_tuple=True)
+        logits = self._vocab_logits(out.hidden[rows, cols - 1 + out.num_prefix]).float()  # (N, V)
+        return logits, nn.functional.cross_entropy(logits, batch["input_ids"][rows, cols])
+
+
 def build_head(cfg: HeadConfig, backbone: Backbone, *, num_labels: int, label_token_ids: list[int]) -> nn.Module:
+    if cfg.type == "lm":
+        return LMHead(backbone)
     if cfg.type == "verbalizer":
         return VerbalizerHead(backbone, label_token_ids, full_vocab_loss=cfg.full_vocab_loss)
     pool = cfg.pool if cfg.pool != "auto" else ("last" if backbone.family == "decoder" else "cls")

@@ -10,10 +10,12 @@ import torch
 
 from ipt_ds import checkpoint
 from ipt_ds.config import config_from_dict
+from ipt_ds.data.generation import load_generation_split, read_generation_file
 from ipt_ds.data.pipeline import load_examples
 from ipt_ds.data.readers import read_split
 from ipt_ds.data.tasks import get_task
 from ipt_ds.engine import ds_dtype, init_distributed
+from ipt_ds.generation import generate_texts, score
 from ipt_ds.loop import evaluate, predict_examples, to_prediction
 from ipt_ds.model import build_model
 
@@ -43,19 +45,35 @@ def load_for_inference(export_dir: str, overrides: dict):
 
 def evaluate_export(export_dir: str, overrides: dict) -> dict:
     cfg, task, engine, encoder, rank = load_for_inference(export_dir, overrides)
-    examples = load_examples(cfg.data, task, cfg.data.eval_split)
-    metrics = evaluate(engine, encoder, task, examples, cfg.train.eval_batch_size)
+    if task.generation:
+        examples = load_generation_split(cfg.data, cfg.data.eval_split)
+        texts = generate_texts(engine, encoder, examples, cfg.generation, cfg.train.eval_batch_size)
+        metrics = score(task.metrics, texts, examples)
+    else:
+        examples = load_examples(cfg.data, task, cfg.data.eval_split)
+        metrics = evaluate(engine, encoder, task, examples, cfg.train.eval_batch_size)
     if rank == 0:
         print(json.dumps({"task": task.name, "split": cfg.data.eval_split, **metrics}))
     return metrics
 
 
 def predict_export(export_dir: str, input_path: str, output_path: str, overrides: dict) -> None:
-    """Write one jsonl line per input example: guid, predicted label (name or score) and the raw scores."""
+    """Write one jsonl line per input example: guid, predicted label (name or score) and the raw scores; for a
+    generation task guid, source and the generated text."""
     cfg, task, engine, encoder, rank = load_for_inference(export_dir, overrides)
     out = Path(output_path)
     if out.exists():
         raise ValueError(f"--output '{out}' exists; choose another path (predictions never overwrite a file)")
+    if task.generation:  # one line per source: guid, source, generated text
+        fields = cfg.data.fields or {"source": "mr" if task.name == "e2e" else "source"}
+        examples = read_generation_file(Path(input_path), source_key=fields["source"], target_key=None)
+        texts = generate_texts(engine, encoder, examples, cfg.generation, cfg.train.eval_batch_size)
+        if rank == 0:
+            lines = [json.dumps({"guid": e.guid, "source": e.source, "prediction": t}) for e, t in zip(examples, texts)]
+            checkpoint.atomic_write_text(out, "\n".join(lines) + "\n")
+            log.info("wrote %d generations to %s", len(lines), out)
+        torch.distributed.barrier()
+        return
     examples = read_split(Path(input_path), task, fields=cfg.data.fields or None)
     scores = predict_examples(engine, encoder, examples, cfg.train.eval_batch_size)
     if rank == 0:

@@ -24,7 +24,7 @@ from ipt_ds.config import Config
 from ipt_ds.data.encode import TextEncoder, collate
 from ipt_ds.data.images import IMAGE_FORMATS
 from ipt_ds.data.pipeline import load_task_splits, rank_eval_batches, rank_train_batches
-from ipt_ds.data.tasks import Example, Task
+from ipt_ds.data.tasks import Example, Task, get_task
 from ipt_ds.engine import (
     NonFiniteError,
     TrainState,
@@ -36,6 +36,7 @@ from ipt_ds.engine import (
     resolve_ds_config,
     skip_nonfinite_updates,
 )
+from ipt_ds.generation import GenerationRecipe
 from ipt_ds.metrics import compute_metrics
 from ipt_ds.model import PromptModel, build_model
 from ipt_ds.vision import ImageRecipe
@@ -176,7 +177,8 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     import deepspeed
 
     if recipe is None:
-        recipe = ImageRecipe(cfg) if cfg.data.format in IMAGE_FORMATS else TaskRecipe(cfg)
+        recipe = (ImageRecipe(cfg) if cfg.data.format in IMAGE_FORMATS
+                  else GenerationRecipe(cfg) if get_task(cfg.data.task).generation else TaskRecipe(cfg))
     rank, world = init_distributed(cfg.run.collective_timeout_s)
     failures.start(rank, world)
     out = check_run_dir(cfg, world)  # nothing on disk changes before data, model and engine are built

@@ -119,3 +119,33 @@ def compute_metrics(
         value = _exact_match(predicted, gold, groups) if name == "em" else _METRICS[name](predicted, gold)
         results[name] = 100.0 * value
     return results
+
+
+GENERATION_METRICS = ("bleu", "rouge_l")
+
+
+def generation_metrics(
+    names: Sequence[str], *, predictions: Sequence[str], references: Sequence[Sequence[str]]
+) -> dict[str, float]:
+    """Corpus BLEU (sacrebleu, default 13a tokenization) and mean ROUGE-L F1 (rouge-score, best reference per
+    prediction), both against every reference of each prediction, in percent."""
+    unknown = [name for name in names if name not in GENERATION_METRICS]
+    if unknown:
+        raise ValueError(f"unknown generation metric(s) {unknown}; valid: {', '.join(GENERATION_METRICS)}")
+    if not predictions or len(predictions) != len(references) or not all(references):
+        raise ValueError("generation metrics need one prediction and at least one reference per example")
+    results = {}
+    if "bleu" in names:
+        import sacrebleu
+
+        width = max(len(refs) for refs in references)  # sacrebleu reads reference streams; None fills short lists
+        streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(width)]
+        results["bleu"] = sacrebleu.corpus_bleu(list(predictions), streams).score
+    if "rouge_l" in names:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"])
+        scores = [scorer.score_multi(list(refs), pred)["rougeL"].fmeasure
+                  for pred, refs in zip(predictions, references, strict=True)]
+        results["rouge_l"] = 100.0 * float(np.mean(scores))
+    return {name: results[name] for name in names}

@@ -57,6 +57,7 @@ def build_model(
     `loaded` = (backbone, tokenizer) already in memory: the new method and head are attached to that same frozen
     backbone (several exports then share one; see mixed.py)."""
     verbalizer = cfg.head.type == "verbalizer"
+    with_lm_head = verbalizer or task.generation
     if cfg.model.trust_remote_code:
         log.warning("model.trust_remote_code is on: Python code from '%s' runs in this process; use it only for "
                     "sources you trust", cfg.model.name_or_path)
@@ -64,8 +65,11 @@ def build_model(
         raise ValueError(f"head.type 'verbalizer' cannot score the regression task '{task.name}'; use head.type linear")
     if "text" not in get_method(cfg.method.name).inputs:
         raise ValueError(f"method.name '{cfg.method.name}' works on images; set data.format to imagefolder or npz")
-    backbone, tokenizer = loaded or load_backbone(cfg.model, dtype=dtype, with_lm_head=verbalizer,
+    backbone, tokenizer = loaded or load_backbone(cfg.model, dtype=dtype, with_lm_head=with_lm_head,
                                                  ds_config=ds_config)
+    if task.generation and backbone.family != "decoder":
+        raise ValueError(f"task '{task.name}' generates text, which needs a decoder (causal LM) backbone; "
+                         f"'{cfg.model.name_or_path}' is an encoder")
     if backbone.family == "vision":
         raise ValueError(f"model.name_or_path '{cfg.model.name_or_path}' is a vision transformer; text tasks need a "
                          "language model (for images set data.format to imagefolder or npz)")
@@ -85,6 +89,12 @@ def build_model(
         raise ValueError(f"data.max_length {cfg.data.max_length} + {num_prefix} prompt positions exceeds the "
                          f"backbone's {backbone.max_positions} positions; lower data.max_length")
     template = cfg.head.template or task.template
+    if task.generation:
+        from ipt_ds.data.generation import GenerationEncoder
+
+        backbone.positions_from_mask = True  # sources are left-padded for decoding; training must use the same
+        return model, GenerationEncoder(tokenizer=tokenizer, template=template, max_length=cfg.data.max_length,
+                                        max_target_length=cfg.generation.max_target_length)
     if backbone.family == "decoder" and not cfg.head.template and not template.rstrip().endswith("{mask}"):
         # Task templates are written for masked LMs; a decoder predicts the label word as the continuation.
         template = "{a} {b} Answer: {mask}" if "{b}" in template else "{a} Answer: {mask}"

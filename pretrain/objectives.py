@@ -46,7 +46,7 @@ class InstancePrompts(nn.Module):
         self.ipt = ipt
 
     def forward(self, backbone: Backbone, batch: dict) -> MethodOutput:
-        prompts = self.ipt.instance_vectors(backbone, batch["input_ids"])  # (B, N, D)
+        prompts = self.ipt.instance_vectors(backbone, batch["input_ids"], batch["attention_mask"])  # (B, N, D)
         num_tokens, mask = prompts.shape[1], batch["attention_mask"]
         mask = nn.functional.pad(mask, (0, max(0, num_tokens - mask.shape[1])))[:, :num_tokens]  # (B, N) real tokens
         return MethodOutput(prompts, mask, 0)

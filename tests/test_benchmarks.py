@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import accuracy, peft_reference, peft_speed, scale, step_cost
+from benchmarks import accuracy, e2e, peft_reference, peft_speed, scale, step_cost
 
 
 def cell(eval_acc: float, test_acc: float | None = None) -> dict:
@@ -242,3 +242,28 @@ def test_scale_nvme_buffers_hold_the_largest_partition(tmp_path):
     for bad in ("7b-disk", "8b", "7b-nvme-nvme"):
         with pytest.raises(ValueError, match=bad):
             scale.parse_cell(bad)
+
+
+def generation_cell(method: str, bleu: float, rouge: float) -> dict:
+    scores = {"bleu": bleu, "rouge_l": rouge}
+    return {"task": "e2e", "method": method, "eval": scores, "test": scores, "parameters": {"trainable": 99}}
+
+
+def test_e2e_table_puts_both_metrics_of_every_method_side_by_side(tmp_path):
+    rows = e2e.summarize({"zero-shot": [generation_cell("zero-shot", 5.0, 30.0)],
+                          "e2e/prefix": [generation_cell("prefix", 50.0, 60.0), generation_cell("prefix", 54.0, 62.0)]})
+    assert rows[1]["test_bleu"]["mean"] == pytest.approx(52.0)
+    assert rows[1]["test_rouge_l"]["sd"] == pytest.approx(1.4142, rel=1e-4)
+    e2e.write_report(tmp_path, rows, "python -m benchmarks.e2e")
+    table = (tmp_path / "results.md").read_text()
+    assert "| zero-shot | zero-shot | 99 | 5.0 ± 0.0 | 30.0 ± 0.0 | 5.0 ± 0.0 | 30.0 ± 0.0 | 1 |" in table
+    assert "| e2e/prefix | prefix | 99 | 52.0 ± 2.8 | 61.0 ± 1.4 | 52.0 ± 2.8 | 61.0 ± 1.4 | 2 |" in table
+    assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_e2e_zero_shot_cell_is_reused(tmp_path):
+    run = tmp_path / "runs" / "zero-shot"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps(generation_cell("zero-shot", 7.0, 31.0)))
+    # The config does not exist: decoding would fail, so a returned result proves the cell was skipped.
+    assert e2e.zero_shot_cell(tmp_path, Path("configs/e2e/missing.yaml"), [])["test"]["bleu"] == 7.0

@@ -43,7 +43,7 @@ def test_every_problem_in_one_error_with_file_and_line(tmp_path):
     assert f"{path}:5: train.batch_size 30 is not a multiple of train.micro_batch_size 16" in text
     assert f"{path}:8: unknown section 'zzz'" in text
     assert "--data.max_length: 'data.max_length' expected an integer, got 'long'" in text
-    assert "--head.type: 'head.type' must be one of 'linear', 'verbalizer', got 'mlp'" in text
+    assert "--head.type: 'head.type' must be one of 'linear', 'verbalizer', 'lm', got 'mlp'" in text
     assert len(problems) == 6
 
 

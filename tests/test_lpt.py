@@ -60,7 +60,7 @@ def test_restarted_stack_reproduces_the_plain_forward(family, tiny_models):
         return states[:, :0]
 
     late = backbone.encode_late(embeds, enc["attention_mask"], enc.get("token_type_ids"), layer=1,
-                                make_prompt=empty_prompt)
+                                make_prompt=empty_prompt, num_prompt=0)
     real = enc["attention_mask"].bool()
     torch.testing.assert_close(seen[0][real], plain.hidden_states[1][real])
     torch.testing.assert_close(late[real], plain.last_hidden_state[real], rtol=1e-4, atol=1e-5)
@@ -74,7 +74,7 @@ def test_inserted_prompt_matches_a_hand_written_bert_forward(tiny_models):
     mask = enc["attention_mask"]
     prompt = torch.randn(2, 3, backbone.hidden_size)
     late = backbone.encode_late(backbone.embed(enc["input_ids"]), mask, enc["token_type_ids"], layer=1,
-                                make_prompt=lambda states: prompt)
+                                make_prompt=lambda states: prompt, num_prompt=3)
 
     def additive(mask):  # (B, S) -> (B, 1, 1, S): 0 where visible, a large negative number where padded
         return (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min

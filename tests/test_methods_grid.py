@@ -265,7 +265,8 @@ def test_ipt_variants(family, variant, tiny_models, data):
         losses.append(loss.item())
     assert min(losses[-5:]) < 0.8 * losses[0], losses
     model.eval()  # the instance prompt depends on the input: two different inputs get different prompts
-    vectors = model.method.instance_vectors(model.backbone, batch["input_ids"]) if cfg.method.instance else None
+    vectors = (model.method.instance_vectors(model.backbone, batch["input_ids"], batch["attention_mask"])
+               if cfg.method.instance else None)
     if vectors is not None:
         assert not torch.allclose(vectors[0], vectors[1])
 

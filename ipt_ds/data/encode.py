@@ -134,14 +134,15 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         "input_ids": torch.full((len(features), length), pad_id, dtype=torch.long),
         "attention_mask": torch.zeros(len(features), length, dtype=torch.long),
     }
-    if "token_type_ids" in features[0]:
-        batch["token_type_ids"] = torch.zeros(len(features), length, dtype=torch.long)
+    per_token = [key for key in ("token_type_ids", "source_mask") if key in features[0]]
+    for key in per_token:
+        batch[key] = torch.zeros(len(features), length, dtype=torch.long)
     for row, f in enumerate(features):
         n = len(f["input_ids"])
         batch["input_ids"][row, :n] = torch.tensor(f["input_ids"])
         batch["attention_mask"][row, :n] = 1
-        if "token_type_ids" in batch:
-            batch["token_type_ids"][row, :n] = torch.tensor(f["token_type_ids"])
+        for key in per_token:
+            batch[key][row, :n] = torch.tensor(f[key])
     if "pair_input_ids" in features[0]:
         pair = collate([{"input_ids": f["pair_input_ids"], "split_position": f["pair_split_position"]}
                         for f in features], pad_id)

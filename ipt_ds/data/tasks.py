@@ -43,11 +43,13 @@ class Task:
     """Default MLM / LM-continuation template with the slots {a}, {b} and {mask}."""
     metrics: tuple[str, ...]
     """Metric names for `compute_metrics`; the first one selects the best checkpoint."""
+    generation: bool = False
+    """A text generation task (source -> references; see data/generation.py), scored on generated text."""
 
     @property
     def is_regression(self) -> bool:
         """True for tasks scored on a float (STS-B)."""
-        return not self.label_names
+        return not self.label_names and not self.generation
 
 
 _NLI3 = ("entailment", "neutral", "contradiction")  # the hub's order for MNLI / SNLI, so hub indices map as is
@@ -107,6 +109,10 @@ TASKS: dict[str, Task] = {
         ),
     )
 }
+# Generation: E2E NLG (table-to-text, the prefix-tuning benchmark) and any source -> target file (data.fields).
+for _name in ("e2e", "generation"):
+    TASKS[_name] = Task(name=_name, label_names=(), label_words=(), metrics=("bleu", "rouge_l"), generation=True,
+                        template="Table: {a}\nText: {mask}" if _name == "e2e" else "{a} {mask}")
 
 
 def _normalize(name: str) -> str:

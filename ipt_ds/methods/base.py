@@ -43,3 +43,23 @@ def run_with_input_prompt(backbone: Backbone, prompt: torch.Tensor | None, batch
         mask = torch.cat([mask.new_ones(mask.shape[0], num_prefix), mask], dim=1)
     hidden = backbone.encode(embeds, mask, batch.get("token_type_ids"))
     return MethodOutput(hidden, mask, num_prefix)
+
+
+def source_mask(batch: dict) -> torch.Tensor:
+    """(B, T) the tokens a prompt generator may read: a generation example's source (never its target), else every
+    real token."""
+    return batch.get("source_mask", batch["attention_mask"])
+
+
+def leading(x: torch.Tensor, mask: torch.Tensor, n: int, fill: float | int) -> torch.Tensor:
+    """The first `n` positions of `x` (B, T, ...) where `mask` (B, T) is set, in order and whatever the padding side;
+    `fill` where a row has fewer. Returns (B, n, ...)."""
+    order = torch.argsort((mask == 0).to(torch.int8), dim=1, stable=True)[:, :n]  # (B, min(n, T))
+    index = order.view(*order.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:])
+    picked = x.gather(1, index)
+    present = torch.arange(order.shape[1], device=x.device) < mask.sum(dim=1, keepdim=True)  # (B, min(n, T))
+    picked = picked.masked_fill(~present.view(*present.shape, *[1] * (x.dim() - 2)), fill)
+    missing = n - picked.shape[1]
+    if missing > 0:
+        picked = torch.cat([picked, picked.new_full((x.shape[0], missing, *x.shape[2:]), fill)], dim=1)
+    return picked

@@ -30,7 +30,7 @@ from torch import nn
 
 from ipt_ds.backbone import Backbone
 from ipt_ds.methods import register
-from ipt_ds.methods.base import MethodConfig, MethodOutput, run_with_input_prompt
+from ipt_ds.methods.base import MethodConfig, MethodOutput, leading, run_with_input_prompt, source_mask
 from ipt_ds.methods.generators import build_generator
 
 log = logging.getLogger(__name__)
@@ -210,11 +210,9 @@ class IPT(nn.Module):
     def generator_dtype(self) -> torch.dtype:
         return next(self.generator.parameters()).dtype
 
-    def instance_vectors(self, backbone: Backbone, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) from the first N token ids (padded when the input is shorter)."""
-        num_tokens = self.cfg.num_tokens
-        ids = nn.functional.pad(input_ids, (0, max(0, num_tokens - input_ids.shape[1])), value=self.pad_id)
-        ids = ids[:, :num_tokens]
+    def instance_vectors(self, backbone: Backbone, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) from the first N token ids where `mask` is set (padded when the input is shorter)."""
+        ids = leading(input_ids, mask, self.cfg.num_tokens, self.pad_id)
         # the generator runs in its own dtype (bf16 / fp16 under DeepSpeed's mixed precision)
         x = self.table(ids) if hasattr(self, "table") else backbone.embed(ids).to(self.generator_dtype)
         return self.generator(x) if hasattr(self, "generator") else x
@@ -225,12 +223,13 @@ class IPT(nn.Module):
         if not self.prefix_path:
             parts = [self.task_prompt.expand(batch_size, -1, -1)] if hasattr(self, "task_prompt") else []
             if self.cfg.instance:
-                parts.append(self.instance_vectors(backbone, input_ids))
+                parts.append(self.instance_vectors(backbone, input_ids, source_mask(batch)))
             return run_with_input_prompt(backbone, torch.cat(parts, dim=1), batch)
         num_tokens = self.cfg.num_tokens
         kv = self.task_prefix.view(1, num_tokens, *self.shape).expand(batch_size, -1, -1, -1, -1)  # (B, N, 2L, h, d)
         if self.cfg.instance:
-            term = self.instance_vectors(backbone, input_ids).view(batch_size, num_tokens, 2, *self.shape[1:])
+            term = self.instance_vectors(backbone, input_ids, source_mask(batch))
+            term = term.view(batch_size, num_tokens, 2, *self.shape[1:])
             slots = torch.zeros_like(kv)
             for layer in self.cfg.instance_layers:
                 slots = slots.index_add(2, torch.tensor([2 * layer, 2 * layer + 1], device=kv.device), term)

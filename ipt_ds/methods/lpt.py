@@ -25,7 +25,7 @@ from torch import nn
 
 from ipt_ds.backbone import Backbone
 from ipt_ds.methods import register
-from ipt_ds.methods.base import MethodConfig, MethodOutput
+from ipt_ds.methods.base import MethodConfig, MethodOutput, leading, source_mask
 from ipt_ds.methods.generators import build_generator
 
 
@@ -91,7 +91,7 @@ class LPT(nn.Module):
         """(B, T, H) states entering layer k -> (B, n, H) prompt."""
         states = states.to(next(self.parameters()).dtype)  # the generator's dtype (bf16 under mixed precision)
         batch_size, num_tokens = states.shape[0], self.cfg.num_tokens
-        mask = batch["attention_mask"]
+        mask = source_mask(batch)
         kind = self.cfg.generator
         if kind == "npg":
             rows = torch.arange(batch_size, device=states.device)
@@ -107,15 +107,15 @@ class LPT(nn.Module):
         elif kind == "static":
             prompt = self.prompt.expand(batch_size, -1, -1)
         else:
-            first = nn.functional.pad(states, (0, 0, 0, max(0, num_tokens - states.shape[1])))[:, :num_tokens]
-            prompt = self.generator(first)  # (B, n, H)
+            prompt = self.generator(leading(states, mask, num_tokens, 0.0))  # (B, n, H)
         return self.dropout(prompt)
 
     def forward(self, backbone: Backbone, batch: dict) -> MethodOutput:
         mask = batch["attention_mask"]
         embeds = backbone.embed(batch["input_ids"])
         hidden = backbone.encode_late(embeds, mask, batch.get("token_type_ids"), layer=self.layer,
-                                      make_prompt=lambda states: self.make_prompt(states, batch))
+                                      make_prompt=lambda states: self.make_prompt(states, batch),
+                                      num_prompt=self.cfg.num_tokens)
         full_mask = torch.cat([mask.new_ones(mask.shape[0], self.cfg.num_tokens), mask], dim=1)
         return MethodOutput(hidden, full_mask, self.cfg.num_tokens)
 

@@ -1,0 +1,197 @@
+"""Text generation with a trained prompt method: decoding through the backbone's own `generate` and KV cache.
+
+Decoding starts from a cache that the method fills: its forward runs once on the (left-padded) sources inside
+`Backbone.capturing()`, so the cache holds exactly what training computed (prompt vectors, key/value prefixes, a late
+prompt at layer k, an instance prompt made from the source). Its last position is dropped and `generate` recomputes
+it, so that every decoding strategy of transformers (greedy, beam search) starts as usual; the prompt then stays in
+the cache for every later step. `input_ids` carry P placeholder columns in front for the P cached prompt positions;
+position ids count real tokens, as in training (`Backbone.positions_from_mask`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ipt_ds import checkpoint
+from ipt_ds.data.generation import GenerationEncoder, GenExample, collate_left, load_generation_split
+from ipt_ds.data.pipeline import rank_eval_batches
+from ipt_ds.metrics import generation_metrics
+
+log = logging.getLogger("ipt_ds")
+
+
+@dataclass(kw_only=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    """Longest generated continuation, in tokens."""
+    num_beams: int = 1
+    """1: greedy decoding; more: beam search with this many beams."""
+    max_target_length: int = 64
+    """Training: reference tokens kept per example (the end-of-sequence token included)."""
+    eval_limit: int = 0
+    """Evaluations during training decode only the first N sources of the eval split (0: all); the final scores
+    always use every source."""
+    test_limit: int = 0
+    """Score only the first N sources of the test split at the end (0: all), for quick runs."""
+
+    def validate(self) -> list[str]:
+        return [f"generation.{key} must be >= 1, got {value}" for key, value in
+                (("max_new_tokens", self.max_new_tokens), ("num_beams", self.num_beams),
+                 ("max_target_length", self.max_target_length)) if value < 1]
+
+
+@contextlib.contextmanager
+def _late_masks(model, cache):
+    """Layers below a late prompt attend past its placeholder positions (their cache returns keys without them)."""
+    layer = getattr(cache, "late_layer", None)
+    if layer is None:
+        yield
+        return
+    skip = cache.num_prompt
+
+    def drop_prompt_columns(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            kwargs["attention_mask"] = mask[..., skip:]
+        return args, kwargs
+
+    handles = []
+    for block in model.backbone.layer_stack()[:layer]:
+        attention = next(m for m in block.modules() if m is not block and hasattr(m, "layer_idx"))
+        handles.append(attention.register_forward_pre_hook(drop_prompt_columns, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def generate(model, batch: dict, cfg: GenerationConfig, tokenizer, *, synced: bool = False) -> list[list[int]]:
+    """Token ids generated for each left-padded source of `batch` (up to, not including, end-of-sequence).
+    `synced`: every rank must call this (ZeRO-3): ranks that finish early keep joining the others' forwards."""
+    backbone = model.backbone
+    with backbone.capturing() as caches:
+        model.method(backbone, batch)
+    cache = caches[-1]
+    source_ids, source_mask = batch["input_ids"], batch["attention_mask"]
+    num_prompt = cache.get_seq_length() - source_ids.shape[1]
+    cache.crop(-1)  # generate recomputes the last source position, with the prompt still in the cache
+    if cfg.num_beams > 1:
+        cache.batch_repeat_interleave(cfg.num_beams)
+    placeholders = source_ids.new_full((source_ids.shape[0], num_prompt), tokenizer.pad_token_id)
+    input_ids = torch.cat([placeholders, source_ids], dim=1)
+    attention_mask = torch.cat([source_mask.new_ones(placeholders.shape), source_mask], dim=1)
+    with _late_masks(model, cache):
+        out = backbone.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, do_sample=False,
+            max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
+    rows = []
+    for ids in out[:, input_ids.shape[1] :].tolist():
+        rows.append(ids[: ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids)
+    return rows
+
+
+def generate_texts(engine, encoder: GenerationEncoder, examples: list[GenExample], cfg: GenerationConfig,
+                   batch_size: int) -> list[str]:
+    """Generate for every example across all ranks; every rank gets all texts back, in input order."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    features = [encoder(e) for e in examples]
+    tokenizer = encoder.tokenizer
+    zero3 = any(hasattr(p, "ds_id") for p in engine.module.backbone.parameters())
+    mine = []
+    engine.eval()
+    for indices in rank_eval_batches([len(f["input_ids"]) for f in features], batch_size=batch_size, rank=rank,
+                                     world_size=world):
+        batch = collate_left([features[i] for i in indices or [0]], tokenizer.pad_token_id)
+        batch = {key: value.to(engine.device) for key, value in batch.items()}
+        ids = generate(engine.module, batch, cfg, tokenizer, synced=zero3 and world > 1)
+        if indices:
+            mine.extend(zip(indices, (tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids)))
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, mine)
+    texts = dict(pair for part in gathered for pair in part)
+    return [texts[i] for i in range(len(examples))]
+
+
+def score(names, texts: list[str], examples: list[GenExample]) -> dict[str, float]:
+    """The metrics, computed once on rank 0 and sent to every rank."""
+    result = [None]
+    if torch.distributed.get_rank() == 0:
+        result[0] = generation_metrics(names, predictions=texts, references=[e.references for e in examples])
+    torch.distributed.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+class GenerationRecipe:
+    """Training on a generation task (`ipt-ds train` with data.task e2e / generation): teacher-forced loss on the
+    references, checkpoints selected by the first metric (BLEU) of decoding the eval split."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def build(self, ds_config: dict):
+        from ipt_ds.data.tasks import get_task
+        from ipt_ds.engine import ds_dtype
+        from ipt_ds.model import build_model
+
+        cfg = self.cfg
+        self.task = get_task(cfg.data.task)
+        train_examples = load_generation_split(cfg.data, cfg.data.train_split)
+        self.eval_examples = load_generation_split(cfg.data, cfg.data.eval_split)
+        self.test_examples = load_generation_split(cfg.data, cfg.data.test_split) if cfg.data.test_split else []
+        self.test_examples = self.test_examples[: cfg.generation.test_limit or None]
+        for name, examples in (("train", train_examples), ("eval", self.eval_examples)):
+            if not examples or not all(e.references for e in examples):
+                raise ValueError(f"data.{name}_split '{getattr(cfg.data, name + '_split')}' needs a reference text "
+                                 "for every source")
+        model, self.encoder = build_model(cfg, self.task, dtype=ds_dtype(ds_config), ds_config=ds_config)
+        features = [f for e in train_examples for f in self.encoder.training_features(e)]
+        if self.encoder.num_truncated:
+            log.info("%d sources truncated to data.max_length=%d", self.encoder.num_truncated, cfg.data.max_length)
+        log.info("%d training sequences from %d sources", len(features), len(train_examples))
+        return model, features, self.encoder.tokenizer.pad_token_id, {"task": self.task.name, "label_names": []}
+
+    def _texts(self, engine, examples):
+        return generate_texts(engine, self.encoder, examples, self.cfg.generation, self.cfg.train.eval_batch_size)
+
+    def evaluate(self, engine) -> dict[str, float]:
+        limit = self.cfg.generation.eval_limit
+        examples = self.eval_examples[:limit] if limit else self.eval_examples
+        return score(self.task.metrics, self._texts(engine, examples), examples)
+
+    def export(self, engine, path: Path, meta: dict, rank: int) -> None:
+        checkpoint.export_trainable(engine.module, path, meta, rank=rank)
+
+    def finish(self, engine, state, out: Path, rank: int) -> dict:
+        """Score the best checkpoint on the whole eval (and test) split; write results.json and the generated texts
+        (`generations_<split>.jsonl`: guid, source, prediction, references)."""
+        meta, tensors = checkpoint.read_export(out / "best")
+        checkpoint.load_trainable(engine.module, tensors, source=str(out / "best"))
+        results = {"task": self.task.name, "method": self.cfg.method.name, "best_step": state.best_step,
+                   "skipped_steps": state.num_skipped, "parameters": meta["parameters"]}
+        splits = {"eval": (self.cfg.data.eval_split, self.eval_examples)}
+        if self.test_examples and all(e.references for e in self.test_examples):
+            splits["test"] = (self.cfg.data.test_split, self.test_examples)
+        for key, (split, examples) in splits.items():
+            texts = self._texts(engine, examples)
+            results[key] = score(self.task.metrics, texts, examples)
+            if rank == 0:
+                write_generations(out / f"generations_{Path(split).stem}.jsonl", examples, texts)
+                log.info("%s %s: %s", key, split, " ".join(f"{k}={v:.2f}" for k, v in results[key].items()))
+        if rank == 0:
+            checkpoint.atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+        return results
+
+
+def write_generations(path: Path, examples: list[GenExample], texts: list[str]) -> None:
+    lines = [json.dumps({"guid": e.guid, "source": e.source, "prediction": text, "references": list(e.references)})
+             for e, text in zip(examples, texts)]
+    checkpoint.atomic_write_text(path, "\n".join(lines) + "\n")

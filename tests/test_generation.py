@@ -1,0 +1,211 @@
+"""Text generation: cached decoding equals re-running the method at every step, the loss covers targets only, the
+metrics, the E2E reader on the real files, and `ipt-ds train` on 2 ranks with ZeRO-3 (synced decoding)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ipt_ds.config import load_config
+from ipt_ds.confload import ConfigError
+from ipt_ds.data.generation import GenExample, collate_left, load_generation_split
+from ipt_ds.data.tasks import get_task
+from ipt_ds.generation import GenerationConfig, generate
+from ipt_ds.metrics import generation_metrics
+from ipt_ds.model import build_model
+from tests.conftest import REPO, read_log, run_cli, write_config
+
+SOURCES = ["name[Blue] food[fish]", "name[Red Lion] food[Italian] area[riverside] price[high]", "x"]
+METHODS = {
+    "prompt_tuning": {"name": "prompt_tuning", "num_virtual_tokens": 4},
+    "ptuning_v1": {"name": "ptuning_v1", "num_virtual_tokens": 4},
+    "prefix": {"name": "prefix", "num_virtual_tokens": 4},
+    "ptuning_v2": {"name": "ptuning_v2", "num_virtual_tokens": 4},
+    "ipt_prompt": {"name": "ipt", "encoder": "cnn", "num_tokens": 4, "generator_width": 8},
+    "ipt_prefix": {"name": "ipt", "method": "prefix-tuning", "encoder": "lstm", "num_tokens": 4,
+                   "generator_width": 8, "instance_scale": 1.0},
+    "lpt_npg": {"name": "lpt", "layer": 1, "num_tokens": 3, "bottleneck": 8},
+    "lpt_appg": {"name": "lpt", "layer": 1, "generator": "appg", "num_tokens": 3, "bottleneck": 8},
+}
+
+
+def generation_model(model_dir: Path, method: dict, *, seed: int = 0):
+    overrides = {"model.name_or_path": str(model_dir), "data.task": "generation", "data.format": "jsonl",
+                 "head.type": "lm", **{f"method.{key}": value for key, value in method.items()}}
+    cfg = load_config(None, overrides)
+    torch.manual_seed(seed)
+    model, encoder = build_model(cfg, get_task("generation"), dtype=torch.float32, ds_config=None)
+    with torch.no_grad():  # trained-looking prompts: large enough to change what the model generates
+        for p in model.method.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return model.eval(), encoder
+
+
+def step_by_step(model, features: dict, eos: int, steps: int) -> list[int]:
+    """Greedy decoding without a cache: the method runs on source + generated tokens at every step, laid out as in
+    training (the generated tokens are the target part)."""
+    ids, num_source, new = list(features["input_ids"]), len(features["input_ids"]), []
+    with torch.no_grad():
+        for _ in range(steps):
+            batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+                     "source_mask": torch.tensor([[1] * num_source + [0] * (len(ids) - num_source)]),
+                     "label_position": torch.tensor([num_source - 1])}
+            out = model.method(model.backbone, batch)
+            token = int(model.backbone.vocab_logits(out.hidden[:, -1]).argmax(-1))
+            if token == eos:
+                break
+            new.append(token)
+            ids.append(token)
+    return new
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_cached_generation_equals_the_method_reapplied_at_each_step(tiny_models, family, method):
+    """Batched, left-padded decoding from the method's cache through the backbone's own `generate` gives the tokens
+    that re-running the whole method on the growing sequence gives."""
+    model, encoder = generation_model(tiny_models[family], METHODS[method])
+    features = [encoder(GenExample(guid=str(i), source=s, references=())) for i, s in enumerate(SOURCES)]
+    tokenizer = encoder.tokenizer
+    cached = generate(model, collate_left(features, tokenizer.pad_token_id), GenerationConfig(max_new_tokens=6),
+                      tokenizer)
+    expected = [step_by_step(model, f, tokenizer.eos_token_id, 6) for f in features]
+    assert cached == expected
+    plain, _ = generation_model(tiny_models[family], {"name": "linear_probe"})
+    without = generate(plain, collate_left(features, tokenizer.pad_token_id), GenerationConfig(max_new_tokens=6),
+                       tokenizer)
+    assert without != cached, "the prompt must change the output for the comparison to mean anything"
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_decoding_matches_transformers_fed_the_prompt_embeddings(tiny_models, num_beams):
+    """Prompt tuning: greedy and beam search from the method's cache give what transformers' `generate` gives when
+    handed [prompt; source] as input embeddings from the start."""
+    model, encoder = generation_model(tiny_models["llama"], METHODS["prompt_tuning"])
+    tokenizer = encoder.tokenizer
+    batch = collate_left([encoder(GenExample(guid=str(i), source=s, references=())) for i, s in enumerate(SOURCES)],
+                         tokenizer.pad_token_id)
+    ours = generate(model, batch, GenerationConfig(max_new_tokens=5, num_beams=num_beams), tokenizer)
+    prompt = model.method.prompt.expand(len(SOURCES), -1, -1)
+    embeds = torch.cat([prompt, model.backbone.embed(batch["input_ids"])], dim=1)
+    mask = torch.cat([torch.ones(len(SOURCES), prompt.shape[1], dtype=torch.long), batch["attention_mask"]], dim=1)
+    with torch.no_grad():
+        theirs = model.backbone.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5,
+                                               num_beams=num_beams, do_sample=False,
+                                               pad_token_id=tokenizer.pad_token_id,
+                                               eos_token_id=tokenizer.eos_token_id)
+    theirs = [row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
+              for row in theirs.tolist()]
+    assert ours == theirs
+
+
+def test_lm_loss_covers_target_tokens_only(tiny_models):
+    """The LM head's loss equals transformers' own causal-LM loss with the source positions ignored (-100)."""
+    model, encoder = generation_model(tiny_models["llama"], {"name": "linear_probe"})
+    example = GenExample(guid="0", source=SOURCES[1], references=("The Red Lion serves pricey Italian food.",
+                                                                  "Italian place."))
+    from ipt_ds.data.encode import collate
+
+    batch = collate(encoder.training_features(example), encoder.tokenizer.pad_token_id)
+    _, loss = model(batch)
+    labels = batch["input_ids"].masked_fill(batch["source_mask"].bool() | ~batch["attention_mask"].bool(), -100)
+    with torch.no_grad():
+        reference = model.backbone.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         labels=labels).loss
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    assert batch["source_mask"].sum() < batch["attention_mask"].sum()
+
+
+def test_generation_metrics_against_sacrebleu_and_rouge():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    predictions = ["the cat sat on the mat today", "a dog ran in the park"]
+    references = [("the cat sat on the mat", "a cat was sitting on the mat today"), ("a dog ran in a park",)]
+    scores = generation_metrics(["bleu", "rouge_l"], predictions=predictions, references=references)
+    streams = [[references[0][0], references[1][0]], [references[0][1], None]]
+    assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(predictions, streams).score)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    best = [max(scorer.score(r, p)["rougeL"].fmeasure for r in refs) for p, refs in zip(predictions, references)]
+    assert scores["rouge_l"] == pytest.approx(100 * np.mean(best))
+    # a second reference can only help; copying a reference scores 100
+    single = generation_metrics(["bleu"], predictions=predictions, references=[refs[:1] for refs in references])
+    assert scores["bleu"] > single["bleu"]
+    perfect = generation_metrics(["bleu", "rouge_l"], predictions=[r[0] for r in references], references=references)
+    assert perfect == {"bleu": pytest.approx(100), "rouge_l": pytest.approx(100)}
+
+
+E2E = REPO.parent / "shared" / "data" / "e2e"
+
+
+def test_e2e_splits_from_the_real_files():
+    cfg = load_config(None, {"data.task": "e2e", "data.format": "e2e", "head.type": "lm",
+                             "data.root": str(E2E.parent)}).data
+    train, dev, test = (load_generation_split(cfg, split) for split in ("train", "dev", "test"))
+    assert not {e.source for e in train} & {e.source for e in dev}, "dev sources are held out of training"
+    assert len(dev) == (len(train) + len(dev)) // 10
+    for split in (train, dev, test):
+        assert all(e.references and e.source.startswith("name[") for e in split)
+    assert np.mean([len(e.references) for e in test]) > 2, "E2E test sources have several references each"
+    with pytest.raises(ValueError, match="E2E splits are train, dev, test"):
+        load_generation_split(cfg, "val")
+
+
+def test_generation_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="head.type lm"):
+        load_config(None, {"data.task": "e2e"})
+    with pytest.raises(ConfigError, match="head.type lm is for generation tasks"):
+        load_config(None, {"data.task": "rte", "head.type": "lm"})
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"source": "a", "target": "b"}\n{"text": "c"}\n')
+    cfg = load_config(None, {"data.task": "generation", "data.format": "jsonl", "head.type": "lm"}).data
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: missing text field 'source'"):
+        load_generation_split(cfg, str(bad))
+
+
+def write_menu_task(directory: Path) -> dict[str, Path]:
+    """A learnable table-to-text toy: 'name[X] food[Y]' -> 'X serves Y.', two references for some rows."""
+    names, foods = ["Cat", "Dog", "Owl", "Fox", "Elk", "Bee"], ["fish", "rice", "soup", "cake"]
+    rows = [{"source": f"name[{n}] food[{f}]", "target": f"{n} serves {f}."} for n in names for f in foods]
+    rows += [{"source": r["source"], "target": r["target"].replace("serves", "has")} for r in rows[::3]]
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"train": directory / "train.jsonl", "val": directory / "val.jsonl"}
+    paths["train"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths["val"].write_text("".join(json.dumps(r) + "\n" for r in rows[:7]))  # 7 sources: ranks get 4 and 3
+    return paths
+
+
+def test_train_and_decode_on_two_ranks_with_zero3(tmp_path, tiny_models):
+    data = write_menu_task(tmp_path / "data")
+    cfg = write_config(tmp_path / "cfg.yaml", {
+        "run": {"log_every": 1, "seed": 1},
+        "model": {"name_or_path": str(tiny_models["llama"])},
+        "method": {"name": "prefix", "num_virtual_tokens": 4},
+        "head": {"type": "lm"},
+        "data": {"task": "generation", "format": "jsonl", "train_split": str(data["train"]),
+                 "eval_split": str(data["val"]), "test_split": str(data["val"]), "max_length": 32},
+        "generation": {"max_new_tokens": 6, "num_beams": 2},
+        "train": {"batch_size": 8, "micro_batch_size": 4, "eval_batch_size": 2, "max_steps": 6, "eval_every": 6},
+        "optim": {"lr": 0.05, "warmup_ratio": 0.0},
+        "deepspeed": {"config": "ds_configs/zero3.json"},
+    })
+    result = run_cli("train", str(cfg), f"--run.output_dir={tmp_path / 'run'}", num_ranks=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = read_log(tmp_path / "run", "train/loss")
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["eval"]) == {"bleu", "rouge_l"} and results["eval"] == results["test"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "generations_val.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in rows] == [json.loads(line)["source"] for line in
+                                           data["val"].read_text().splitlines()]
+    assert all(isinstance(r["prediction"], str) and r["references"] for r in rows)
+    # the export decodes the same texts from a separate process (1 rank, no ZeRO-3)
+    output = tmp_path / "predictions.jsonl"
+    result = run_cli("predict", str(tmp_path / "run" / "best"), f"--input={data['val']}", f"--output={output}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [p["prediction"] for p in predicted] == [r["prediction"] for r in rows]
