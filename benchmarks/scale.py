@@ -332,7 +332,8 @@ def build_rows(cells: list[str], estimates: dict, measured: dict, *, world: int)
                     "peak_rss_mib": peak_rss, "step_s": step, "step_s_all": got["step_s"],
                     "achieved_flops_per_s": flops / step, "gemm_flops_per_s": gemm,
                     "fraction_of_gemm_peak": flops / step / gemm["square"],
-                    "nvme_swap_gib": got.get("nvme_swap_bytes", 0) / 2**30, "wall_s": got["wall_s"]}
+                    "nvme_swap_gib": got.get("nvme_swap_bytes", 0) / 2**30, "wall_s": got["wall_s"],
+                    **({"note": got["note"]} if "note" in got else {})}
             if peak_rss:
                 row["estimate_error_pct"] = 100 * (row["estimate_mib"] - max(peak_rss)) / max(peak_rss)
             if got["gemm"].get("dense_bf16_peak"):
@@ -347,7 +348,8 @@ def scale_table(rows: list[dict]) -> list[str]:
     for r in rows:
         if r["status"] != "measured":
             lines.append(f"| {r['cell']} | {r['shape']} | | {r['weights']} | {r['allocator']} | "
-                         f"{r['estimate_mib']:,.0f} | not run: {r['status']} | | | |")
+                         f"{r['estimate_mib']:,.0f} | {'not run: ' if r['status'].startswith('needs') else ''}"
+                         f"{r['status']} | | | |")
             continue
         rss = " / ".join(f"{m:,.0f}" for m in r["peak_rss_mib"])
         error = f"{r['estimate_error_pct']:+.1f} %" if "estimate_error_pct" in r else ""
@@ -386,6 +388,7 @@ def write_report(out: Path, rows: list[dict], command: str, *, world: int, devic
              "2NT + 4LT^2D, backward through the activations only 2NT + 8LT^2D; no weight gradients). GEMM: fp32 "
              "torch.mm, one process per rank at once, measured just before each cell.", "",
              *efficiency_table(rows), ""]
+    lines += [f"Note on {r['cell']}: {r['note']}." for r in rows if "note" in r]
     if largest:
         lines.append(f"Largest backbone trained with its weights in memory: {largest['cell']} "
                      f"({largest['params']:,} parameters).")
@@ -402,7 +405,8 @@ def plot(out: Path, rows: list[dict]) -> None:
     done = [r for r in rows if r["status"] == "measured"]
     fig, (mem, speed) = plt.subplots(1, 2, figsize=(12, 4.5))
     for weights, marker in (("memory", "o"), ("NVMe", "s")):
-        some = [r for r in done if r["weights"] == weights]
+        some = sorted((r for r in done if r["weights"] == weights and r["allocator"] != "glibc defaults"),
+                      key=lambda r: r["params"])
         if not some:
             continue
         billions = [r["params"] / 1e9 for r in some]
@@ -412,8 +416,12 @@ def plot(out: Path, rows: list[dict]) -> None:
                  label=f"estimate-memory, weights in {weights}")
         speed.plot(billions, [r["achieved_flops_per_s"] / 1e9 for r in some], marker=marker,
                    label=f"achieved (training step), weights in {weights}")
-        speed.plot(billions, [r["gemm_flops_per_s"]["square"] / 1e9 for r in some], marker=marker, linestyle="--",
-                   color="grey", label="GEMM peak (square), measured before each cell" if marker == "o" else None)
+        speed.plot(billions, [r["gemm_flops_per_s"]["square"] / 1e9 for r in some], marker=marker, linestyle="none",
+                   color="grey", label="GEMM peak (square), measured with each cell" if marker == "o" else None)
+    glibc = [r for r in done if r["allocator"] == "glibc defaults"]
+    if glibc:
+        mem.plot([r["params"] / 1e9 for r in glibc], [max(r["peak_rss_mib"] or [0]) / 1024 for r in glibc],
+                 marker="x", linestyle="none", color="black", label="measured peak RSS, glibc's default allocator")
     skipped = [r["cell"] for r in rows if r["status"] != "measured"]
     if skipped:
         mem.set_title(f"not run: {', '.join(skipped)}", fontsize=8)
