@@ -230,7 +230,8 @@ def tasks():
     from ipt_ds.data.tasks import TASKS
 
     for name, task in sorted(TASKS.items()):
-        labels = "regression" if task.is_regression else "/".join(task.label_names)
+        labels = ("generation (source -> text)" if task.generation else "regression" if task.is_regression
+                  else "/".join(task.label_names))
         print(f"{name}: {labels}; metrics {', '.join(task.metrics)}")
 
 

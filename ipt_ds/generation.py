@@ -20,7 +20,7 @@ import torch
 
 from ipt_ds import checkpoint
 from ipt_ds.data.generation import GenerationEncoder, GenExample, collate_left, load_generation_split
-from ipt_ds.data.pipeline import rank_eval_batches
+from ipt_ds.data.pipeline import predict_sharded
 from ipt_ds.metrics import generation_metrics
 
 log = logging.getLogger("ipt_ds")
@@ -102,23 +102,19 @@ def generate(model, batch: dict, cfg: GenerationConfig, tokenizer, *, synced: bo
 def generate_texts(engine, encoder: GenerationEncoder, examples: list[GenExample], cfg: GenerationConfig,
                    batch_size: int) -> list[str]:
     """Generate for every example across all ranks; every rank gets all texts back, in input order."""
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     features = [encoder(e) for e in examples]
     tokenizer = encoder.tokenizer
-    zero3 = any(hasattr(p, "ds_id") for p in engine.module.backbone.parameters())
-    mine = []
-    engine.eval()
-    for indices in rank_eval_batches([len(f["input_ids"]) for f in features], batch_size=batch_size, rank=rank,
-                                     world_size=world):
-        batch = collate_left([features[i] for i in indices or [0]], tokenizer.pad_token_id)
-        batch = {key: value.to(engine.device) for key, value in batch.items()}
-        ids = generate(engine.module, batch, cfg, tokenizer, synced=zero3 and world > 1)
-        if indices:
-            mine.extend(zip(indices, (tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids)))
-    gathered: list = [None] * world
-    torch.distributed.all_gather_object(gathered, mine)
-    texts = dict(pair for part in gathered for pair in part)
-    return [texts[i] for i in range(len(examples))]
+    synced = torch.distributed.get_world_size() > 1 and any(hasattr(p, "ds_id") for p in engine.parameters())
+
+    def make_batch(indices):
+        batch = collate_left([features[i] for i in indices], tokenizer.pad_token_id)
+        return {key: value.to(engine.device) for key, value in batch.items()}
+
+    def texts(batch):
+        rows = generate(engine.module, batch, cfg, tokenizer, synced=synced)
+        return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+
+    return predict_sharded(engine, [len(f["input_ids"]) for f in features], batch_size, make_batch, texts)
 
 
 def score(names, texts: list[str], examples: list[GenExample]) -> dict[str, float]:

@@ -23,7 +23,7 @@ from ipt_ds import checkpoint, failures
 from ipt_ds.config import Config
 from ipt_ds.data.encode import TextEncoder, collate
 from ipt_ds.data.images import IMAGE_FORMATS
-from ipt_ds.data.pipeline import load_task_splits, rank_eval_batches, rank_train_batches
+from ipt_ds.data.pipeline import load_task_splits, logits_of, predict_sharded, rank_train_batches
 from ipt_ds.data.tasks import Example, Task, get_task
 from ipt_ds.engine import (
     NonFiniteError,
@@ -80,23 +80,11 @@ def prepare_run_dir(cfg: Config, out: Path, rank: int) -> None:
 
 def predict_examples(engine, encoder: TextEncoder, examples: list[Example], batch_size: int):
     """Run every example once across all ranks; every rank gets all predictions back, in input order."""
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     features = [encoder(e) for e in examples]
     pad_id = encoder.tokenizer.pad_token_id
-    mine = []
-    engine.eval()
-    with torch.no_grad():
-        for indices in rank_eval_batches([len(f["input_ids"]) for f in features], batch_size=batch_size,
-                                         rank=rank, world_size=world):
-            batch = collate([features[i] for i in indices or [0]], pad_id)  # [] -> dummy forward, result dropped
-            batch.pop("labels", None)
-            logits, _ = engine(batch)
-            if indices:
-                mine.extend(zip(indices, logits.float().cpu().tolist()))
-    gathered: list = [None] * world
-    torch.distributed.all_gather_object(gathered, mine)
-    scores = dict(pair for part in gathered for pair in part)
-    return [scores[i] for i in range(len(examples))]
+    return predict_sharded(engine, [len(f["input_ids"]) for f in features], batch_size,
+                           lambda indices: collate([features[i] for i in indices], pad_id),
+                           lambda batch: logits_of(engine, batch))
 
 
 def to_prediction(score, task: Task) -> int | float:

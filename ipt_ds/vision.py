@@ -19,7 +19,7 @@ from ipt_ds import checkpoint
 from ipt_ds.backbone import VISION_TYPES, load_backbone
 from ipt_ds.config import Config
 from ipt_ds.data.images import ImageBatcher, ImageSplit, read_image_split
-from ipt_ds.data.pipeline import rank_eval_batches
+from ipt_ds.data.pipeline import logits_of, predict_sharded
 from ipt_ds.data.sampling import sample_per_class
 from ipt_ds.engine import TrainState, ds_dtype
 from ipt_ds.heads import build_head
@@ -117,20 +117,9 @@ class ImageRecipe:
 
 def predict_images(engine, features: list[dict], batcher: ImageBatcher, batch_size: int) -> list[list[float]]:
     """Logits of every image, each run once across all ranks; every rank gets all of them back, in input order."""
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    mine = []
-    engine.eval()
-    with torch.no_grad():
-        for indices in rank_eval_batches([1] * len(features), batch_size=batch_size, rank=rank, world_size=world):
-            batch = batcher([features[i] for i in indices or [0]])  # [] -> dummy forward, result dropped
-            batch.pop("labels", None)
-            logits, _ = engine(batch)
-            if indices:
-                mine.extend(zip(indices, logits.float().cpu().tolist()))
-    gathered: list = [None] * world
-    torch.distributed.all_gather_object(gathered, mine)
-    scores = dict(pair for part in gathered for pair in part)
-    return [scores[i] for i in range(len(features))]
+    return predict_sharded(engine, [1] * len(features), batch_size,
+                           lambda indices: batcher([features[i] for i in indices]),
+                           lambda batch: logits_of(engine, batch))
 
 
 def make_vit(directory: str, *, image_size: int = 32, patch_size: int = 4, hidden_size: int = 64, num_layers: int = 4,
