@@ -13,11 +13,12 @@ import torch
 from ipt_ds.config import load_config
 from ipt_ds.confload import ConfigError
 from ipt_ds.data.generation import GenExample, collate_left, load_generation_split
+from ipt_ds.data.readers import default_data_root
 from ipt_ds.data.tasks import get_task
 from ipt_ds.generation import GenerationConfig, generate
 from ipt_ds.metrics import generation_metrics
 from ipt_ds.model import build_model
-from tests.conftest import REPO, read_log, run_cli, write_config
+from tests.conftest import read_log, run_cli, write_config
 
 SOURCES = ["name[Blue] food[fish]", "name[Red Lion] food[Italian] area[riverside] price[high]", "x"]
 METHODS = {
@@ -139,12 +140,10 @@ def test_generation_metrics_against_sacrebleu_and_rouge():
     assert perfect == {"bleu": pytest.approx(100), "rouge_l": pytest.approx(100)}
 
 
-E2E = REPO.parent / "shared" / "data" / "e2e"
-
-
 def test_e2e_splits_from_the_real_files():
-    cfg = load_config(None, {"data.task": "e2e", "data.format": "e2e", "head.type": "lm",
-                             "data.root": str(E2E.parent)}).data
+    root = default_data_root()
+    assert root is not None and (root / "e2e").is_dir(), "the real data (../shared/data or $IPT_DS_DATA) is needed"
+    cfg = load_config(None, {"data.task": "e2e", "data.format": "e2e", "head.type": "lm", "data.root": str(root)}).data
     train, dev, test = (load_generation_split(cfg, split) for split in ("train", "dev", "test"))
     assert not {e.source for e in train} & {e.source for e in dev}, "dev sources are held out of training"
     assert len(dev) == (len(train) + len(dev)) // 10
