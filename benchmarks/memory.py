@@ -59,16 +59,22 @@ def write_random_bert(directory: Path, sizes: dict) -> None:
     tmp.rename(directory)
 
 
+def write_long_pairs(data: Path, counts: dict[str, int], *, premise_words: int, hypothesis_words: int) -> None:
+    """Synthetic RTE-format jsonl splits of random words, long enough that every input reaches the length studied."""
+    data.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for split, count in counts.items():
+        rows = [{"premise": " ".join(rng.choices(WORDS, k=premise_words)),
+                 "hypothesis": " ".join(rng.choices(WORDS, k=hypothesis_words)),
+                 "label": ("entailment", "not_entailment")[i % 2], "idx": i} for i in range(count)]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def prepare_inputs(runs: Path) -> dict[str, str]:
     """Synthetic RTE-format jsonl (every input longer than 128 tokens) and the random backbones; returns model paths."""
     data = runs / "data"
     if not (data / "val.jsonl").exists():
-        data.mkdir(parents=True, exist_ok=True)
-        rng = random.Random(0)
-        for split, count in (("train", 128), ("val", 32)):
-            rows = [{"premise": " ".join(rng.choices(WORDS, k=300)), "hypothesis": " ".join(rng.choices(WORDS, k=30)),
-                     "label": ("entailment", "not_entailment")[i % 2], "idx": i} for i in range(count)]
-            (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_long_pairs(data, {"train": 128, "val": 32}, premise_words=300, hypothesis_words=30)
     paths = {}
     for name, (model, _, _) in BACKBONES.items():
         if isinstance(model, str):

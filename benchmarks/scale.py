@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import socket
 import statistics
@@ -40,6 +39,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.memory import write_long_pairs
 
 SHAPES = {  # name -> hidden, intermediate, layers, attention heads, key/value heads, the published model of that shape
     "tiny": (64, 128, 2, 4, 2, "a tiny LLaMA (tests of this script)"),
@@ -59,7 +60,6 @@ MMAP_THRESHOLD = 2**20
 VOCAB = 49_152  # SmolLM2's tokenizer (LLaMA-1/2 have 32,000 tokens, Llama-3 128,256): only the embedding differs
 SEQ_LEN, NUM_PROMPT, MICRO_BATCH = 64, 8, 1
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # no sparsity
-WORDS = "cat dog bird fish horse cow sheep goat lion tiger bear wolf fox deer mouse frog red green blue black".split()
 
 
 def parse_cell(cell: str) -> tuple[str, bool, bool]:
@@ -106,12 +106,7 @@ def write_model_dir(directory: Path, shape: str) -> None:
 
 def write_data(data: Path) -> None:
     """RTE-format jsonl whose premises are longer than SEQ_LEN tokens, so every batch has the length estimated."""
-    data.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
-    for split, count in (("train", 64), ("val", 2)):
-        rows = [{"premise": " ".join(rng.choices(WORDS, k=120)), "hypothesis": " ".join(rng.choices(WORDS, k=10)),
-                 "label": ("entailment", "not_entailment")[i % 2], "idx": i} for i in range(count)]
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_long_pairs(data, {"train": 64, "val": 2}, premise_words=120, hypothesis_words=10)
 
 
 def ds_config(shape: str, *, nvme_dir: Path | None, world: int, bf16: bool) -> dict:
