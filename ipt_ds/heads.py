@@ -118,6 +118,10 @@ class LMHead(nn.Module):
 
     def forward(self, out: MethodOutput, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (the target tokens' logits (N, V), their mean cross-entropy)."""
+        if "decoder_input_ids" in batch:  # encoder-decoder: the decoder's hidden states, one per target token
+            rows, cols = batch["decoder_attention_mask"].nonzero(as_tuple=True)
+            logits = self._vocab_logits(out.hidden[rows, cols]).float()
+            return logits, nn.functional.cross_entropy(logits, batch["target_ids"][rows, cols])
         target = batch["attention_mask"].bool() & ~batch["source_mask"].bool()  # (B, T)
         target[:, 0] = False  # nothing precedes the first token
         rows, cols = target.nonzero(as_tuple=True)

@@ -354,7 +354,12 @@ def report(cfg, *, world_size: int = 1, batch_size: int | None = None, seq_len: 
         zero["stage"] = stage
     width = DTYPE_BYTES[dtype] if dtype else torch.tensor([], dtype=ds_dtype(ds)).element_size()
     with torch.device("meta"):
-        loaded = load_backbone(cfg.model, dtype=torch.float32, with_lm_head=cfg.head.type == "verbalizer", empty=True)
+        loaded = load_backbone(cfg.model, dtype=torch.float32, with_lm_head=cfg.head.type in ("verbalizer", "lm"),
+                               empty=True)
+    if loaded[0].family == "seq2seq":
+        raise ValueError("estimate-memory models one transformer stack; it does not cover encoder-decoder backbones "
+                         f"('{cfg.model.name_or_path}'); `ipt-ds estimate` counts their parameters")
+    with torch.device("meta"):
         model, _ = build_model(cfg, get_task(cfg.data.task), dtype=torch.float32, ds_config=None, loaded=loaded)
     fit_zero3_buckets(ds, model.backbone.hidden_size)
     shape = model_shape(model, gradient_checkpointing=cfg.model.gradient_checkpointing)

@@ -30,7 +30,8 @@ class PromptModel(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (label logits (B, C) or regression scores (B,); mean loss when the batch has labels)."""
-        out = self.method(self.backbone, batch)
+        with self.backbone.decoding(batch):
+            out = self.method(self.backbone, batch)
         if "pair_input_ids" not in batch:
             return self.head(out, batch)
         pair = {key.removeprefix("pair_"): value for key, value in batch.items() if key.startswith("pair_")}
@@ -67,9 +68,13 @@ def build_model(
         raise ValueError(f"method.name '{cfg.method.name}' works on images; set data.format to imagefolder or npz")
     backbone, tokenizer = loaded or load_backbone(cfg.model, dtype=dtype, with_lm_head=with_lm_head,
                                                  ds_config=ds_config)
-    if task.generation and backbone.family != "decoder":
-        raise ValueError(f"task '{task.name}' generates text, which needs a decoder (causal LM) backbone; "
-                         f"'{cfg.model.name_or_path}' is an encoder")
+    if task.generation and backbone.family not in ("decoder", "seq2seq"):
+        raise ValueError(f"task '{task.name}' generates text, which needs a decoder (causal LM) or encoder-decoder "
+                         f"backbone; '{cfg.model.name_or_path}' is an encoder")
+    if backbone.family == "seq2seq" and not task.generation:
+        raise ValueError(f"model.name_or_path '{cfg.model.name_or_path}' is an encoder-decoder model, which this "
+                         f"trainer runs on generation tasks only (data.task e2e or generation); task '{task.name}' "
+                         "classifies: use an encoder or decoder backbone")
     if backbone.family == "vision":
         raise ValueError(f"model.name_or_path '{cfg.model.name_or_path}' is a vision transformer; text tasks need a "
                          "language model (for images set data.format to imagefolder or npz)")
@@ -90,8 +95,12 @@ def build_model(
                          f"backbone's {backbone.max_positions} positions; lower data.max_length")
     template = cfg.head.template or task.template
     if task.generation:
-        from ipt_ds.data.generation import GenerationEncoder
+        from ipt_ds.data.generation import GenerationEncoder, Seq2SeqEncoder
 
+        if backbone.family == "seq2seq":
+            return model, Seq2SeqEncoder(tokenizer=tokenizer, template=template, max_length=cfg.data.max_length,
+                                         max_target_length=cfg.generation.max_target_length,
+                                         decoder_start=backbone.model.config.decoder_start_token_id)
         backbone.positions_from_mask = True  # sources are left-padded for decoding; training must use the same
         return model, GenerationEncoder(tokenizer=tokenizer, template=template, max_length=cfg.data.max_length,
                                         max_target_length=cfg.generation.max_target_length)

@@ -50,6 +50,24 @@ def save_tiny(kind: str, out: Path) -> Path:
                                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=64))
         elif kind == "gpt2":
             model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4))
+        elif kind == "t5":  # encoder-decoder with more decoder than encoder layers (prefixes go to the decoder)
+            from transformers import T5Config, T5ForConditionalGeneration
+
+            model = T5ForConditionalGeneration(T5Config(
+                vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3,
+                num_heads=4, initializer_factor=2.0, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                decoder_start_token_id=tokenizer.pad_token_id))
+        elif kind == "bart":  # ... and fewer decoder than encoder attention heads
+            from transformers import BartConfig, BartForConditionalGeneration
+
+            ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.eos_token_id,
+                   "eos_token_id": tokenizer.eos_token_id, "decoder_start_token_id": tokenizer.eos_token_id,
+                   "forced_eos_token_id": None}
+            model = BartForConditionalGeneration(BartConfig(
+                vocab_size=len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+                decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256,
+                init_std=0.1, **ids))
         else:
             raise AssertionError(kind)
     model.save_pretrained(out)
@@ -65,10 +83,11 @@ def tiny_bert(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tiny_bert) -> dict[str, Path]:
     return {"bert": tiny_bert, **{kind: save_tiny(kind, tmp_path_factory.mktemp(f"tiny-{kind}"))
-                                  for kind in FAMILIES if kind != "bert"}}
+                                  for kind in FAMILIES + SEQ2SEQ_FAMILIES if kind != "bert"}}
 
 
 FAMILIES = ("bert", "roberta", "deberta-v2", "gpt2", "llama")
+SEQ2SEQ_FAMILIES = ("t5", "bart")  # generation tasks only
 WORDS = "cat dog bird fish horse cow sheep goat lion tiger bear wolf fox deer mouse frog".split()
 
 

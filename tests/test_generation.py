@@ -1,5 +1,6 @@
-"""Text generation: cached decoding equals re-running the method at every step, the loss covers targets only, the
-metrics, the E2E reader on the real files, and `ipt-ds train` on 2 ranks with ZeRO-3 (synced decoding)."""
+"""Text generation on decoders and encoder-decoders: cached decoding equals re-running the method at every step, the
+loss covers targets only, the metrics, the E2E reader on the real files, and `ipt-ds train` on 2 ranks with ZeRO-3
+(synced decoding)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,89 @@ def test_cached_generation_equals_the_method_reapplied_at_each_step(tiny_models,
     without = generate(plain, collate_left(features, tokenizer.pad_token_id), GenerationConfig(max_new_tokens=6),
                        tokenizer)
     assert without != cached, "the prompt must change the output for the comparison to mean anything"
+
+
+def step_by_step_seq2seq(model, features: dict, eos: int, steps: int) -> list[int]:
+    """The same for encoder-decoders: the method runs on the source and the decoder inputs so far at every step."""
+    source = {"input_ids": torch.tensor([features["input_ids"]]),
+              "attention_mask": torch.ones(1, len(features["input_ids"]), dtype=torch.long)}
+    decoder, new = list(features["decoder_input_ids"]), []
+    with torch.no_grad():
+        for _ in range(steps):
+            inputs = {"decoder_input_ids": torch.tensor([decoder]),
+                      "decoder_attention_mask": torch.ones(1, len(decoder), dtype=torch.long)}
+            with model.backbone.decoding(inputs):
+                out = model.method(model.backbone, source)
+            token = int(model.backbone.vocab_logits(out.hidden[:, -1]).argmax(-1))
+            if token == eos:
+                break
+            new.append(token)
+            decoder.append(token)
+    return new
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_seq2seq_cached_generation_equals_the_method_reapplied_at_each_step(tiny_models, family, method):
+    """Encoder-decoders: input prompts enter the encoder, key/value prefixes the decoder's self-attention, a late
+    prompt the encoder's layer k; decoding from the method's cache gives the tokens of re-running it every step."""
+    if family == "t5" and method.startswith("lpt"):
+        with pytest.raises(ValueError, match="late prompt insertion does not support 't5'"):
+            model, encoder = generation_model(tiny_models[family], METHODS[method])
+            features = [encoder(GenExample(guid="0", source=SOURCES[0], references=()))]
+            generate(model, encoder.collate_sources(features), GenerationConfig(max_new_tokens=2), encoder.tokenizer)
+        return
+    model, encoder = generation_model(tiny_models[family], METHODS[method])
+    features = [encoder(GenExample(guid=str(i), source=s, references=())) for i, s in enumerate(SOURCES)]
+    tokenizer = encoder.tokenizer
+    cached = generate(model, encoder.collate_sources(features), GenerationConfig(max_new_tokens=6), tokenizer)
+    assert cached == [step_by_step_seq2seq(model, f, tokenizer.eos_token_id, 6) for f in features]
+    plain, _ = generation_model(tiny_models[family], {"name": "linear_probe"})
+    without = generate(plain, encoder.collate_sources(features), GenerationConfig(max_new_tokens=6), tokenizer)
+    assert without != cached, "the prompt must change the output for the comparison to mean anything"
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_seq2seq_decoding_matches_transformers_fed_the_prompt_embeddings(tiny_models, num_beams):
+    """Prompt tuning on T5: greedy and beam search equal transformers' `generate` handed [prompt; source] as the
+    encoder's input embeddings."""
+    model, encoder = generation_model(tiny_models["t5"], METHODS["prompt_tuning"])
+    tokenizer = encoder.tokenizer
+    batch = encoder.collate_sources([encoder(GenExample(guid=str(i), source=s, references=()))
+                                     for i, s in enumerate(SOURCES)])
+    ours = generate(model, batch, GenerationConfig(max_new_tokens=5, num_beams=num_beams), tokenizer)
+    prompt = model.method.prompt.expand(len(SOURCES), -1, -1)
+    embeds = torch.cat([prompt, model.backbone.embed(batch["input_ids"])], dim=1)
+    mask = torch.cat([torch.ones(len(SOURCES), prompt.shape[1], dtype=torch.long), batch["attention_mask"]], dim=1)
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    with torch.no_grad():  # a cache without a config: transformers would size its own by the encoder's 2 layers
+        theirs = model.backbone.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5,
+                                               num_beams=num_beams, do_sample=False,
+                                               past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()),
+                                               pad_token_id=tokenizer.pad_token_id,
+                                               eos_token_id=tokenizer.eos_token_id)
+    eos = tokenizer.eos_token_id
+    theirs = [row[1:][: row[1:].index(eos)] if eos in row[1:] else row[1:] for row in theirs.tolist()]
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_seq2seq_loss_equals_the_models_own(tiny_models, family):
+    """The LM head on the decoder's states reproduces the model's own loss (T5's rescaled tied output, BART's
+    logits bias), with the decoder inputs the reference shifted right."""
+    model, encoder = generation_model(tiny_models[family], {"name": "linear_probe"})
+    example = GenExample(guid="0", source=SOURCES[1], references=("The Red Lion serves pricey Italian food.",
+                                                                  "Italian place."))
+    from ipt_ds.data.encode import collate
+
+    batch = collate(encoder.training_features(example), encoder.tokenizer.pad_token_id)
+    _, loss = model(batch)
+    labels = batch["target_ids"].masked_fill(~batch["decoder_attention_mask"].bool(), -100)
+    with torch.no_grad():
+        reference = model.backbone.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         labels=labels).loss  # the model shifts the labels right itself
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
@@ -178,11 +262,12 @@ def write_menu_task(directory: Path) -> dict[str, Path]:
     return paths
 
 
-def test_train_and_decode_on_two_ranks_with_zero3(tmp_path, tiny_models):
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_train_and_decode_on_two_ranks_with_zero3(tmp_path, tiny_models, family):
     data = write_menu_task(tmp_path / "data")
     cfg = write_config(tmp_path / "cfg.yaml", {
         "run": {"log_every": 1, "seed": 1},
-        "model": {"name_or_path": str(tiny_models["llama"])},
+        "model": {"name_or_path": str(tiny_models[family])},
         "method": {"name": "prefix", "num_virtual_tokens": 4},
         "head": {"type": "lm"},
         "data": {"task": "generation", "format": "jsonl", "train_split": str(data["train"]),

@@ -147,6 +147,10 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         pair = collate([{"input_ids": f["pair_input_ids"], "split_position": f["pair_split_position"]}
                         for f in features], pad_id)
         batch.update({f"pair_{key}": value for key, value in pair.items()})
+    if "decoder_input_ids" in features[0]:  # encoder-decoder generation: the decoder side, right-padded
+        decoder = collate([{"input_ids": f["decoder_input_ids"]} for f in features], pad_id)
+        batch["decoder_input_ids"], batch["decoder_attention_mask"] = decoder["input_ids"], decoder["attention_mask"]
+        batch["target_ids"] = collate([{"input_ids": f["target_ids"]} for f in features], pad_id)["input_ids"]
     for key in ("label_position", "split_position"):
         if key in features[0]:
             batch[key] = torch.tensor([f[key] for f in features])

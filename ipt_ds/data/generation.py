@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ipt_ds.data.encode import PLACEHOLDER
+from ipt_ds.data.encode import PLACEHOLDER, collate
 
 E2E_FILES = {"train": "devset.csv", "dev": "devset.csv", "test": "testset_w_refs.csv"}
 E2E_HOLDOUT = 10
@@ -142,6 +142,53 @@ class GenerationEncoder:
             features.append({"input_ids": source + target, "source_mask": [1] * len(source) + [0] * len(target),
                              "label_position": len(source) - 1})
         return features
+
+    def collate_sources(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        """Sources for decoding: left-padded, so that every row continues at the same column."""
+        return collate_left(features, self.tokenizer.pad_token_id)
+
+
+@dataclass
+class Seq2SeqEncoder(GenerationEncoder):
+    """Encoder-decoder backbones (T5, BART): the encoder reads the template with the source (everything before
+    `{mask}`, with the tokenizer's special tokens), the decoder produces the reference: `target_ids` is the
+    tokenized reference (ending with end-of-sequence), `decoder_input_ids` the decoder start token and the target
+    shifted right."""
+
+    decoder_start: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.decoder_start is None:
+            raise ValueError("this encoder-decoder model's config has no decoder_start_token_id")
+        full = self.tokenizer("x")["input_ids"]
+        self.suffix = full[len(self.special) + 1 :]  # what the tokenizer puts last (end-of-sequence)
+
+    def source_ids(self, source: str) -> list[int]:
+        text = self.tokenizer(self.before + source + self.after.rstrip(), add_special_tokens=False)["input_ids"]
+        budget = self.max_length - len(self.special) - len(self.suffix)
+        if len(text) > budget:
+            self.num_truncated += 1
+            text = text[: max(budget, 0)]
+        return self.special + text + self.suffix
+
+    def __call__(self, example: GenExample) -> dict:
+        ids = self.source_ids(example.source)
+        return {"input_ids": ids, "decoder_input_ids": [self.decoder_start], "target_ids": [self.eos]}
+
+    def training_features(self, example: GenExample) -> list[dict]:
+        source, features = self.source_ids(example.source), []
+        for reference in example.references:
+            # with the tokenizer's special tokens, as the model was pretrained (BART: <s> text </s>; T5: text </s>)
+            target = self.tokenizer(reference.strip())["input_ids"]
+            target = target[: len(target) - len(self.suffix)][: self.max_target_length - 1] + [self.eos]
+            features.append({"input_ids": source, "decoder_input_ids": [self.decoder_start] + target[:-1],
+                             "target_ids": target})
+        return features
+
+    def collate_sources(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        """Sources for decoding: right-padded (the encoder reads them whole), with the decoder start column."""
+        return collate(features, self.tokenizer.pad_token_id)
 
 
 def collate_left(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

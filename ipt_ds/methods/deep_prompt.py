@@ -56,7 +56,7 @@ class PrefixConfig(PTuningV2Config):
 class DeepPrompt(nn.Module):
     def __init__(self, cfg: PTuningV2Config, backbone: Backbone):
         super().__init__()
-        self.num_layers, self.num_kv_heads = backbone.num_layers, backbone.num_kv_heads
+        self.num_layers, self.num_kv_heads = backbone.prefix_layers, backbone.num_kv_heads
         self.head_dim = backbone.head_dim
         width = self.num_layers * 2 * self.num_kv_heads * self.head_dim
         num_tokens = cfg.num_virtual_tokens

@@ -185,11 +185,11 @@ class IPT(nn.Module):
         num_tokens, hidden = cfg.num_tokens, backbone.hidden_size
         self.prefix_path = cfg.method == "prefix-tuning"
         kv = backbone.num_kv_heads * backbone.head_dim
-        self.shape = (backbone.num_layers * 2, backbone.num_kv_heads, backbone.head_dim)
+        self.shape = (backbone.prefix_layers * 2, backbone.num_kv_heads, backbone.head_dim)
         width = instance_width(cfg, backbone)  # one instance vector per prompt position
         self.num_prefix_positions = 0 if self.prefix_path else num_tokens * (1 + (cfg.task_prompt and cfg.instance))
         if self.prefix_path:
-            self.task_prefix = nn.Parameter(torch.randn(num_tokens, backbone.num_layers * 2 * kv) * 0.02)
+            self.task_prefix = nn.Parameter(torch.randn(num_tokens, backbone.prefix_layers * 2 * kv) * 0.02)
         elif cfg.task_prompt or not cfg.instance:
             self.task_prompt = nn.Parameter(torch.empty(num_tokens, hidden).uniform_(-cfg.init_range, cfg.init_range))
         table = pretrained.table if pretrained is not None else initial_table
@@ -245,9 +245,10 @@ class IPT(nn.Module):
 
 @register("ipt", IPTConfig)
 def build(cfg: IPTConfig, backbone: Backbone, tokenizer, *, initial_table: torch.Tensor | None = None) -> IPT:
-    bad = [layer for layer in cfg.instance_layers if not 0 <= layer < backbone.num_layers]
+    bad = [layer for layer in cfg.instance_layers if not 0 <= layer < backbone.prefix_layers]
     if bad:
-        raise ValueError(f"method.instance_layers {bad} outside the backbone's layers 0..{backbone.num_layers - 1}")
+        raise ValueError(f"method.instance_layers {bad} outside the backbone's layers 0..{backbone.prefix_layers - 1} "
+                         "(an encoder-decoder's prefixes sit in its decoder layers)")
     pretrained = None
     if cfg.instance and cfg.instance_pretrain:
         pretrained = read_pretrained(cfg.emb_checkpoints)

@@ -95,8 +95,8 @@ class LPT(nn.Module):
         kind = self.cfg.generator
         if kind == "npg":
             rows = torch.arange(batch_size, device=states.device)
-            if self.family == "encoder":
-                index = torch.zeros_like(rows)  # CLS
+            if self.family != "decoder":
+                index = torch.zeros_like(rows)  # CLS (an encoder-decoder's encoder: its first token)
             else:  # causal: the end of the template stem has seen the whole input
                 index = batch.get("label_position", mask.sum(dim=1) - 1)
             summary = states[rows, index]  # (B, H)
