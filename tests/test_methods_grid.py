@@ -117,17 +117,17 @@ def build(family: str, name: str, models, data):
     return cfg, model, batch
 
 
-def assert_trains(model, cfg, batch, name: str, logits_shape: tuple | None = (16, NUM_LABELS), lr: float = 1e-2,
-                  fall: float = 0.8) -> None:
+def assert_trains(model, cfg, batch, name: str, logits_shape: tuple | None = (16, NUM_LABELS), fall: float = 0.8,
+                  steps: int = 25) -> None:
     """The trainable count matches the method's formula, every trainable tensor gets a gradient, the loss falls
-    below `fall` x its start over 25 Adam steps on one batch of 16, and no frozen weight moves."""
+    below `fall` x its start over `steps` Adam steps on one batch of 16, and no frozen weight moves."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == expected_trainable(name, model, cfg)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     model.train()
-    optimizer = torch.optim.Adam(trainable, lr=lr)
+    optimizer = torch.optim.Adam(trainable, lr=1e-2)
     losses = []
-    for _ in range(25):
+    for _ in range(steps):
         logits, loss = model(batch)
         assert logits_shape is None or logits.shape == logits_shape
         optimizer.zero_grad()
@@ -154,7 +154,7 @@ def test_method_cell(family, name, tiny_models, data):
 GENERATION_METHODS = ["prompt_tuning", "ptuning_v1", "prefix", "ptuning_v2", "ipt", "ipt_prefix", "lpt"]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", *SEQ2SEQ_FAMILIES])
+@pytest.mark.parametrize("family", ["llama", *SEQ2SEQ_FAMILIES])
 @pytest.mark.parametrize("name", GENERATION_METHODS)
 def test_generation_method_cell(family, name, tiny_models):
     """Generation cells: 16 source -> target pairs with the LM head (loss on the targets only)."""
@@ -181,8 +181,8 @@ def test_generation_method_cell(family, name, tiny_models):
                 for a in animals for f in foods]
     batch = collate([f for e in examples for f in encoder.training_features(e)], encoder.tokenizer.pad_token_id)
     # Random tiny LMs spread their predictions almost evenly over 49k tokens (the loss starts near ln 49152 = 10.8)
-    # and a 4-vector prompt moves them little in 25 steps: the cell asks for a lower loss, not a fit.
-    assert_trains(model, cfg, batch, name.removesuffix("_prefix"), logits_shape=None, fall=1.0)
+    # and a 4-vector prompt moves them little in a few steps: the cell asks for a lower loss, not a fit.
+    assert_trains(model, cfg, batch, name.removesuffix("_prefix"), logits_shape=None, fall=1.0, steps=10)
 
 
 ZERO_PROMPT_METHODS = ["prompt_tuning", "ptuning_v2"]
