@@ -289,8 +289,7 @@ class Backbone(nn.Module):
                              "generation) provides them")
         source_mask = attention_mask[:, -inputs_embeds.shape[1] :]
         encoded = self.model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=source_mask).last_hidden_state
-        decoder_ids, decoder_mask = self._decoder_inputs["decoder_input_ids"], self._decoder_inputs[
-            "decoder_attention_mask"]
+        decoder_mask = self._decoder_inputs["decoder_attention_mask"]
         num_prefix = prefix[0][0].shape[2] if prefix else 0
         decoder_mask = torch.cat([decoder_mask.new_ones(decoder_mask.shape[0], num_prefix), decoder_mask], dim=1)
         cache = None  # caches without a config: it would count the encoder's layers
@@ -303,7 +302,7 @@ class Backbone(nn.Module):
             self._captured.append(cache)
         elif prefix is not None:
             cache = EncoderDecoderCache(prefix_cache(prefix, None), DynamicCache())
-        out = self.model.get_decoder()(input_ids=decoder_ids, attention_mask=decoder_mask,
+        out = self.model.get_decoder()(input_ids=self._decoder_inputs["decoder_input_ids"], attention_mask=decoder_mask,
                                        encoder_hidden_states=encoded, encoder_attention_mask=source_mask,
                                        past_key_values=cache, use_cache=self._captured is not None)
         return out.last_hidden_state
