@@ -25,3 +25,23 @@ def test_minilm_prompt_method_learns_cb_past_the_majority_class(tmp_path):
     checkpoint_bytes = sum(f.stat().st_size for f in (out / "checkpoints").rglob("*") if f.is_file())
     assert checkpoint_bytes < 5 * 2**20, f"a prompt checkpoint must stay small, got {checkpoint_bytes} bytes"
     assert "majority-class baseline on val: acc=50.00" in result.stderr
+
+
+def test_a_one_label_training_split_is_named_in_a_warning(caplog):
+    """FewGLUE's WSC training set is all positive (PET generates the referent instead of classifying)."""
+    import logging
+
+    from ipt_ds.config import load_config
+    from ipt_ds.data.pipeline import load_task_splits
+
+    cfg = load_config(None, {"data.task": "wsc", "data.format": "fewglue", "data.train_split": "train",
+                             "data.eval_split": "dev32"}).data
+    with caplog.at_level(logging.WARNING):
+        _, train, evaluation, _ = load_task_splits(cfg, seed=0)
+    assert len(train) == 32 and len({e.label for e in evaluation}) == 2
+    assert "data.train_split 'train' holds one label only (True)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_task_splits(load_config(None, {"data.task": "cb", "data.format": "fewglue", "data.train_split": "train",
+                                            "data.eval_split": "dev32"}).data, seed=0)
+    assert "one label only" not in caplog.text

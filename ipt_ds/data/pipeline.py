@@ -50,6 +50,10 @@ def load_task_splits(cfg, seed: int) -> tuple[Task, list[Example], list[Example]
                 f"data.{name}_split '{getattr(cfg, name + '_split')}' has unlabelled examples; "
                 "use a labelled split (test files of GLUE/SuperGLUE have no labels)"
             )
+    labels = {e.label for e in train}
+    if task.label_names and len(labels) == 1:  # e.g. FewGLUE's WSC train set, all positive
+        log.warning("data.train_split '%s' holds one label only (%s): a classifier trained on it can only predict "
+                    "that label", cfg.train_split, task.label_names[next(iter(labels))])
     return task, train, evaluation, test
 
 
