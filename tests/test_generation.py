@@ -47,22 +47,31 @@ def generation_model(model_dir: Path, method: dict, *, seed: int = 0):
     return model.eval(), encoder
 
 
-def step_by_step(model, features: dict, eos: int, steps: int) -> list[int]:
-    """Greedy decoding without a cache: the method runs on source + generated tokens at every step, laid out as in
-    training (the generated tokens are the target part)."""
-    ids, num_source, new = list(features["input_ids"]), len(features["input_ids"]), []
+def greedy_uncached(model, forward, eos: int, steps: int) -> list[int]:
+    """Greedy decoding without a cache: `forward(new tokens)` runs the whole method again at every step."""
+    new = []
     with torch.no_grad():
         for _ in range(steps):
-            batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-                     "source_mask": torch.tensor([[1] * num_source + [0] * (len(ids) - num_source)]),
-                     "label_position": torch.tensor([num_source - 1])}
-            out = model.method(model.backbone, batch)
-            token = int(model.backbone.vocab_logits(out.hidden[:, -1]).argmax(-1))
+            token = int(model.backbone.vocab_logits(forward(new).hidden[:, -1]).argmax(-1))
             if token == eos:
                 break
             new.append(token)
-            ids.append(token)
     return new
+
+
+def step_by_step(model, features: dict, eos: int, steps: int) -> list[int]:
+    """Decoders: the method runs on source + generated tokens, laid out as in training (the generated tokens are the
+    target part)."""
+    source = list(features["input_ids"])
+
+    def forward(new):
+        ids = source + new
+        return model.method(model.backbone, {
+            "input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "source_mask": torch.tensor([[1] * len(source) + [0] * len(new)]),
+            "label_position": torch.tensor([len(source) - 1])})
+
+    return greedy_uncached(model, forward, eos, steps)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -84,22 +93,17 @@ def test_cached_generation_equals_the_method_reapplied_at_each_step(tiny_models,
 
 
 def step_by_step_seq2seq(model, features: dict, eos: int, steps: int) -> list[int]:
-    """The same for encoder-decoders: the method runs on the source and the decoder inputs so far at every step."""
+    """Encoder-decoders: the method runs on the source and the decoder inputs so far."""
     source = {"input_ids": torch.tensor([features["input_ids"]]),
               "attention_mask": torch.ones(1, len(features["input_ids"]), dtype=torch.long)}
-    decoder, new = list(features["decoder_input_ids"]), []
-    with torch.no_grad():
-        for _ in range(steps):
-            inputs = {"decoder_input_ids": torch.tensor([decoder]),
-                      "decoder_attention_mask": torch.ones(1, len(decoder), dtype=torch.long)}
-            with model.backbone.decoding(inputs):
-                out = model.method(model.backbone, source)
-            token = int(model.backbone.vocab_logits(out.hidden[:, -1]).argmax(-1))
-            if token == eos:
-                break
-            new.append(token)
-            decoder.append(token)
-    return new
+
+    def forward(new):
+        decoder = list(features["decoder_input_ids"]) + new
+        with model.backbone.decoding({"decoder_input_ids": torch.tensor([decoder]),
+                                      "decoder_attention_mask": torch.ones(1, len(decoder), dtype=torch.long)}):
+            return model.method(model.backbone, source)
+
+    return greedy_uncached(model, forward, eos, steps)
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
