@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import accuracy, e2e, peft_reference, peft_speed, scale, step_cost
+from benchmarks import accuracy, e2e, peft_reference, peft_speed, scale, step_cost, table
 
 
 def cell(eval_acc: float, test_acc: float | None = None) -> dict:
@@ -37,6 +37,21 @@ def test_accuracy_study_reuses_finished_cells(tmp_path):
     (run / "results.json").write_text(json.dumps(cell(66.0)))
     # The config does not exist: training it would fail, so a returned result proves the cell was skipped.
     assert accuracy.run_cell(tmp_path, Path("configs/cb/missing.yaml"), 7, 1, [])["eval"]["acc"] == 66.0
+
+
+def test_methods_by_tasks_table_takes_each_cell_from_its_study(tmp_path):
+    cb = accuracy.summarize({"cb/a": [cell(70.0), cell(74.0)], "cb/b": [cell(60.0), cell(60.0)]})
+    sst2 = accuracy.summarize({"cb/a": [cell(90.0, 80.0), cell(95.0, 84.0)]})
+    assembled = table.assemble({"full_cb": cb, "lmbff_sst2": sst2})
+    a, b = assembled["rows"]
+    assert a["cells"]["lmbff_sst2"]["mean"] == pytest.approx(82.0) and a["mean"] == pytest.approx(77.0)
+    assert b["cells"]["lmbff_sst2"] is None and b["mean"] is None  # no average over a partial row
+    table.write_report(tmp_path, assembled, "python -m benchmarks.table ...")
+    text = (tmp_path / "results.md").read_text()
+    assert "| config | full_cb<br>cb eval acc | lmbff_sst2<br>cb test acc | mean |" in text
+    assert "| cb/a | 72.0 ± 2.8 | 82.0 ± 2.8 | 77.0 |" in text and "| cb/b | 60.0 ± 0.0 | - | - |" in text
+    assert "| majority class | 50.0 | 60.0 | 55.0 |" in text
+    assert (tmp_path / "results.png").stat().st_size > 0
 
 
 def step(label: str, repeat: int, seconds: float, peak: float) -> dict:
