@@ -2,7 +2,7 @@
 peak memory, step time and achieved FLOP/s against the machine's measured GEMM peak; past RAM with ZeRO-Infinity
 (parameter partitions on NVMe, read through DeepSpeed's async I/O).
 
-    python -m benchmarks.scale [--cells 125m 1b 1.5b 3b 7b 7b-nvme 125m-glibc] [--steps 3] [--device cpu|cuda]
+    python -m benchmarks.scale [--cells 125m 1b 1.5b 3b 4b 7b 7b-nvme 125m-glibc] [--steps 3] [--device cpu|cuda]
         [--nvme-dir DIR] [--margin-gib 1.5] [--wait-for-memory 0] [--name scale]
 
 A cell is a shape (`SHAPES`, published LLaMA-family widths and depths with SmolLM2's 49,152-token vocabulary) and
@@ -51,7 +51,7 @@ SHAPES = {  # name -> hidden, intermediate, layers, attention heads, key/value h
     "4b": (3072, 8192, 32, 32, 32, "Phi-3-mini (3.8B), as a LLaMA"),
     "7b": (4096, 11008, 32, 32, 32, "LLaMA-7B / Llama-2-7B"),
 }
-DEFAULT_CELLS = ["125m", "1b", "1.5b", "3b", "7b", "7b-nvme", "125m-glibc"]
+DEFAULT_CELLS = ["125m", "1b", "1.5b", "3b", "4b", "7b", "7b-nvme", "125m-glibc"]
 # Every allocation from 1 MiB up gets its own mapping, which free() returns to the kernel. With glibc's defaults
 # (a threshold that grows up to 32 MiB) ZeRO-3's freed parameter gathers stay in the heap below the activations
 # saved after them: the 125m shape peaked at 1.8 GiB per rank instead of 1.1, the 1b one at 7.5 instead of 6.5.
@@ -110,9 +110,11 @@ def write_data(data: Path) -> None:
 
 
 def ds_config(shape: str, *, nvme_dir: Path | None, world: int, bf16: bool) -> dict:
-    """ZeRO-3 for billions of frozen parameters: release every module after use (reuse distance 0), so a rank holds
-    its partition plus the module it runs; with NVMe, swap buffers that fit the largest partition (the embedding)."""
-    zero = {"stage": 3, "overlap_comm": False, "contiguous_gradients": True, "stage3_max_reuse_distance": 0}
+    """ZeRO-3 for billions of frozen parameters: release every module after use (no reuse distance and no prefetch,
+    ds_configs/zero3.json's settings), so a rank holds its partition plus the module it runs; with NVMe, swap buffers
+    that fit the largest partition (the embedding)."""
+    zero = {"stage": 3, "overlap_comm": False, "contiguous_gradients": True, "stage3_max_reuse_distance": 0,
+            "stage3_prefetch_bucket_size": 0}
     config = {"zero_optimization": zero, "bf16": {"enabled": bf16}, "fp16": {"enabled": False},
               "wall_clock_breakdown": False}
     if nvme_dir is not None:

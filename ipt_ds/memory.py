@@ -8,8 +8,9 @@ parameter trains, at 16 to 18 bytes each; with a frozen backbone most parameters
 - trainable parameters only: an fp32 master copy (DeepSpeed clones one under ZeRO-1/2/3 even in fp32), fp32 gradients
   and Adam's two moments, partitioned as ZeRO does it (on the host with `offload_optimizer`), and the reduce bucket;
 - ZeRO-3 gathered parameters: from the second step on, DeepSpeed keeps a parameter gathered from its forward use to its
-  backward use when that reuse is nearer than `stage3_max_reuse_distance` elements, so the modules backward runs through
-  stay gathered (up to half that distance), never less than the largest module plus the prefetch bucket;
+  backward use when that reuse is nearer than `stage3_max_reuse_distance` elements, and always while prefetching is on
+  (`stage3_prefetch_bucket_size` > 0: the prefetcher marks the parameters it sees in use for a later step), so the
+  modules backward runs through stay gathered; with both at 0 (ds_configs/zero3.json) only the module running is;
 - activations autograd keeps, per layer from what each op saves (`saved_per_token`), for the layers at and above the
   first trainable part: none for a linear probe, L - k for a prompt entering at layer k, all L for one at the input;
 - working memory: one layer's gradients plus forward temporaries (on a GPU one layer's; on a CPU every layer's, since
@@ -150,7 +151,9 @@ def gathered_elements(shape: ModelShape, job: Job, *, evaluation: bool) -> int:
     largest = max((n for n, _ in sizes), default=0)
     prefetch = min(job.prefetch_bucket_size, sum(n for n, _ in sizes))
     kept = sum(n for n, in_backward in sizes if in_backward or evaluation)  # evaluation has no backward to release them
-    return max(min(kept, job.max_reuse_distance // 2), largest + prefetch)
+    if not prefetch:
+        kept = min(kept, job.max_reuse_distance // 2)
+    return max(kept, largest + prefetch)
 
 
 def estimate(shape: ModelShape, job: Job) -> list[Part]:
