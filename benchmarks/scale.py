@@ -16,7 +16,8 @@ after the warm-up; memory: each rank's lifetime peak RSS (benchmarks/peak_rss.py
 for the same config. A cell whose estimate (both ranks, plus a margin) exceeds the available memory is not started;
 the table says so; a running cell is stopped when the machine's available memory falls below --min-free-gib (each
 rank's RSS over time goes to runs/<cell>/rss.tsv). Finished cells are reused (runs/<cell>/measured.json). Ranks run
-with MALLOC_MMAP_THRESHOLD_=1 MiB (see MMAP_THRESHOLD) except in cells named SHAPE-glibc.
+as the trainer sets them up on CPU (ZeRO-3 frees each gather to the kernel: ipt_ds.engine.unmap_freed_gathers), except
+in cells named SHAPE-glibc, which keep freed gathers in glibc's heap (`MALLOC_MMAP_THRESHOLD_` at 32 MiB).
 
 FLOPs of one step with a frozen backbone and a prompt at the input, per sequence of T positions (prompt included):
 forward 2 N T + 4 L T^2 D, backward through the activations only (no weight gradients) 2 N T + 8 L T^2 D, where N
@@ -41,6 +42,7 @@ import time
 from pathlib import Path
 
 from benchmarks.memory import write_long_pairs
+from ipt_ds.engine import MMAP_THRESHOLD
 
 SHAPES = {  # name -> hidden, intermediate, layers, attention heads, key/value heads, the published model of that shape
     "tiny": (64, 128, 2, 4, 2, "a tiny LLaMA (tests of this script)"),
@@ -52,18 +54,17 @@ SHAPES = {  # name -> hidden, intermediate, layers, attention heads, key/value h
     "7b": (4096, 11008, 32, 32, 32, "LLaMA-7B / Llama-2-7B"),
 }
 DEFAULT_CELLS = ["125m", "1b", "1.5b", "3b", "4b", "7b", "7b-nvme", "125m-glibc"]
-# Every allocation from 1 MiB up gets its own mapping, which free() returns to the kernel. With glibc's defaults
-# (a threshold that grows up to 32 MiB) ZeRO-3's freed parameter gathers stay in the heap below the activations
-# saved after them: the 125m shape peaked at 1.8 GiB per rank instead of 1.1, the 1b one at 7.5 instead of 6.5.
-# Cells named -glibc keep the defaults.
-MMAP_THRESHOLD = 2**20
+# -glibc cells: glibc's mmap threshold at the top of its default range (it grows up to 32 MiB), as in a process that
+# has not run unmap_freed_gathers: ZeRO-3's freed parameter gathers stay in the heap below the activations after them.
+HEAP_THRESHOLD = 32 * 2**20
+MEMORY_ALLOCATOR = f"mmap threshold {MMAP_THRESHOLD // 2**20} MiB"
 VOCAB = 49_152  # SmolLM2's tokenizer (LLaMA-1/2 have 32,000 tokens, Llama-3 128,256): only the embedding differs
 SEQ_LEN, NUM_PROMPT, MICRO_BATCH = 64, 8, 1
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # no sparsity
 
 
 def parse_cell(cell: str) -> tuple[str, bool, bool]:
-    """SHAPE[-nvme][-glibc] -> (shape, weights on NVMe, glibc's default allocator settings)."""
+    """SHAPE[-nvme][-glibc] -> (shape, weights on NVMe, freed gathers left in glibc's heap)."""
     shape, *options = cell.split("-")
     if shape not in SHAPES or len(set(options)) < len(options) or not set(options) <= {"nvme", "glibc"}:
         raise ValueError(f"cell '{cell}': expected SHAPE[-nvme][-glibc] with SHAPE one of {', '.join(SHAPES)}")
@@ -226,8 +227,8 @@ def run_cell(runs: Path, cell: str, config: Path, *, world: int, device: str, ne
     env = {**os.environ, "IPT_DS_PEAK_RSS_DIR": str(peaks)}
     if device == "cpu":
         env |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads_per_rank(world))}
-    if not parse_cell(cell)[2]:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    if parse_cell(cell)[2]:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(HEAP_THRESHOLD)
     start = time.perf_counter()
     with open(runs / cell / "train.log", "w") as log:
         code = watch(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True),
@@ -313,11 +314,11 @@ def build_rows(cells: list[str], estimates: dict, measured: dict, *, world: int)
     peak measured just before the cell."""
     rows = []
     for cell in cells:
-        shape, nvme, default_malloc = parse_cell(cell)
+        shape, nvme, heap = parse_cell(cell)
         est, got = estimates[cell], measured.get(cell, {})
         flops = step_flops(shape, sequences=MICRO_BATCH * world, positions=est["positions"])
         row = {"cell": cell, "shape": SHAPES[shape][5], "weights": "NVMe" if nvme else "memory",
-               "allocator": "glibc defaults" if default_malloc else f"mmap threshold {MMAP_THRESHOLD // 2**20} MiB",
+               "allocator": f"mmap threshold {(HEAP_THRESHOLD if heap else MMAP_THRESHOLD) // 2**20} MiB",
                "matmul_params": matmul_params(shape), "positions": est["positions"], "step_flops": flops,
                "estimate_mib": est["per_rank_bytes"] / 2**20, "estimate_parts_mib": est["parts_mib"],
                "status": "measured" if "step_s" in got else got.get("skipped") or got.get("failed") or "not run"}
@@ -402,7 +403,7 @@ def plot(out: Path, rows: list[dict]) -> None:
     done = [r for r in rows if r["status"] == "measured"]
     fig, (mem, speed) = plt.subplots(1, 2, figsize=(12, 4.5))
     for weights, marker in (("memory", "o"), ("NVMe", "s")):
-        some = sorted((r for r in done if r["weights"] == weights and r["allocator"] != "glibc defaults"),
+        some = sorted((r for r in done if r["weights"] == weights and r["allocator"] == MEMORY_ALLOCATOR),
                       key=lambda r: r["params"])
         if not some:
             continue
@@ -415,10 +416,10 @@ def plot(out: Path, rows: list[dict]) -> None:
                    label=f"achieved (training step), weights in {weights}")
         speed.plot(billions, [r["gemm_flops_per_s"]["square"] / 1e9 for r in some], marker=marker, linestyle="none",
                    color="grey", label="GEMM peak (square), measured with each cell" if marker == "o" else None)
-    glibc = [r for r in done if r["allocator"] == "glibc defaults"]
+    glibc = [r for r in done if r["allocator"] != MEMORY_ALLOCATOR]
     if glibc:
         mem.plot([r["params"] / 1e9 for r in glibc], [max(r["peak_rss_mib"] or [0]) / 1024 for r in glibc],
-                 marker="x", linestyle="none", color="black", label="measured peak RSS, glibc's default allocator")
+                 marker="x", linestyle="none", color="black", label="measured peak RSS, gathers left in the heap")
     skipped = [r["cell"] for r in rows if r["status"] != "measured"]
     if skipped:
         mem.set_title(f"not run: {', '.join(skipped)}", fontsize=8)

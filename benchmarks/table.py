@@ -40,8 +40,10 @@ def write_report(out: Path, table: dict, command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(table, indent=2))
     columns = table["columns"]
-    first = {study: next(r["cells"][study] for r in table["rows"] if r["cells"][study]) for study in columns}
-    header = [f"{study}<br>{first[study]['task']} {first[study]['split']} {first[study]['metric']}" for study in columns]
+    header = []
+    for study in columns:
+        first = next(r["cells"][study] for r in table["rows"] if r["cells"][study])
+        header.append(f"{study}<br>{first['task']} {first['split']} {first['metric']}")
     lines = [f"Command: `{command}`", f"Date: {time.strftime('%Y-%m-%d')}", "",
              f"| config | {' | '.join(header)} | mean |", "|---" * (len(columns) + 2) + "|"]
     for row in table["rows"]:

@@ -6,6 +6,8 @@ data, model, `deepspeed.initialize` with only the trainable parameters, then one
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
 import os
@@ -95,6 +97,27 @@ def fit_zero3_buckets(ds: dict, hidden_size: int) -> None:
         zero.setdefault("reduce_bucket_size", hidden_size * hidden_size)
         zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
         zero.setdefault("stage3_param_persistence_threshold", 10 * hidden_size)
+
+
+MMAP_THRESHOLD = 2**20
+"""Allocations from this size up get their own mapping under ZeRO-3 on CPU ranks (`unmap_freed_gathers`)."""
+
+
+def unmap_freed_gathers(ds: dict) -> bool:
+    """ZeRO-3 on CPU ranks: have glibc serve every allocation from 1 MiB up from its own mapping, which free() returns
+    to the kernel. With glibc's default (a threshold that grows up to 32 MiB), each parameter gather ZeRO-3 frees stays
+    in the heap below the activations saved after it, and a rank's memory grows towards the whole gathered backbone
+    again (docs/benchmarks.md, "Memory estimator vs measured peak RSS"). A `MALLOC_MMAP_THRESHOLD_` in the environment
+    wins. Returns whether the setting was made."""
+    from deepspeed.accelerator import get_accelerator
+
+    if (ds["zero_optimization"].get("stage") != 3 or get_accelerator().device_name() != "cpu"
+            or "MALLOC_MMAP_THRESHOLD_" in os.environ):
+        return False
+    libc = ctypes.util.find_library("c")
+    m_mmap_threshold = -3  # glibc's malloc.h; the call also turns off the threshold's growth
+    return bool(libc and hasattr(ctypes.CDLL(libc), "mallopt")
+                and ctypes.CDLL(libc).mallopt(m_mmap_threshold, MMAP_THRESHOLD) == 1)
 
 
 def ds_dtype(ds: dict) -> torch.dtype:

@@ -35,6 +35,7 @@ from ipt_ds.engine import (
     nonfinite_step,
     resolve_ds_config,
     skip_nonfinite_updates,
+    unmap_freed_gathers,
 )
 from ipt_ds.generation import GenerationRecipe
 from ipt_ds.metrics import compute_metrics
@@ -172,6 +173,8 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     out = check_run_dir(cfg, world)  # nothing on disk changes before data, model and engine are built
     torch.manual_seed(cfg.run.seed)
     ds_config = resolve_ds_config(cfg, world_size=world)
+    if unmap_freed_gathers(ds_config):
+        log.info("ZeRO-3 on CPU: allocations from 1 MiB up are returned to the kernel when freed")
     model, features, pad_id, about = recipe.build(ds_config)
     fit_zero3_buckets(ds_config, model.backbone.hidden_size)
     accumulation = ds_config["gradient_accumulation_steps"]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from ipt_ds.engine import unmap_freed_gathers
 from ipt_ds.memory import MIB, Job, ModelShape, estimate, gathered_elements, saved_per_token
 from tests.conftest import write_config
 
@@ -60,6 +64,42 @@ def test_zero3_releases_each_module_only_without_reuse_distance_and_prefetch():
     assert gathered(max_reuse_distance=0, prefetch_bucket_size=10) == 3_000_000
     assert gathered(prefetch_bucket_size=0) == 3_000_000  # the default reuse distance (1e9) reaches every backward use
     assert gathered(max_reuse_distance=4_000_000, prefetch_bucket_size=0) == 2_000_000  # up to half the distance
+
+
+FREED_BELOW_LIVE = """
+import sys, torch
+from ipt_ds.engine import unmap_freed_gathers
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+if sys.argv[1] == "on":
+    assert unmap_freed_gathers({"zero_optimization": {"stage": 3}})
+torch.ones(2**22)  # a 16 MiB block, freed at once: glibc's own threshold grows to 16 MiB
+before, gathers, saved = rss_mib(), [], []
+for _ in range(64):  # a 2 MiB "gather", then a 256 KiB tensor allocated after it that stays alive, like an activation
+    gathers.append(torch.ones(2**19))
+    saved.append(torch.ones(2**16))
+del gathers
+print(rss_mib() - before)
+"""
+
+
+def test_zero3_on_cpu_returns_freed_gathers_below_live_tensors_to_the_kernel():
+    """Run in fresh processes: the setting is process-wide. 64 freed 2 MiB blocks (128 MiB) between live 256 KiB
+    tensors (16 MiB) stay in glibc's heap by default, and go back to the kernel once unmap_freed_gathers has run."""
+    def kept_mib(setting: str) -> float:
+        env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+        out = subprocess.run([sys.executable, "-c", FREED_BELOW_LIVE, setting], env=env, capture_output=True,
+                             text=True, check=True)
+        return float(out.stdout.split()[-1])
+
+    assert kept_mib("off") > 16 + 100 and kept_mib("on") < 16 + 8
+
+
+def test_unmapping_freed_gathers_is_for_zero3_and_yields_to_the_environment(monkeypatch):
+    assert not unmap_freed_gathers({"zero_optimization": {"stage": 2}})
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
+    assert not unmap_freed_gathers({"zero_optimization": {"stage": 3}})
 
 def test_frozen_parameters_add_no_gradient_or_optimizer_bytes():
     frozen_only = parts(shape(frozen=10_000_000), job(stage=2, world_size=2))
