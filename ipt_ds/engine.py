@@ -7,7 +7,6 @@ data, model, `deepspeed.initialize` with only the trainable parameters, then one
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -114,10 +113,9 @@ def unmap_freed_gathers(ds: dict) -> bool:
     if (ds["zero_optimization"].get("stage") != 3 or get_accelerator().device_name() != "cpu"
             or "MALLOC_MMAP_THRESHOLD_" in os.environ):
         return False
-    libc = ctypes.util.find_library("c")
-    m_mmap_threshold = -3  # glibc's malloc.h; the call also turns off the threshold's growth
-    return bool(libc and hasattr(ctypes.CDLL(libc), "mallopt")
-                and ctypes.CDLL(libc).mallopt(m_mmap_threshold, MMAP_THRESHOLD) == 1)
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library the process runs with
+    m_mmap_threshold = -3  # glibc's malloc.h; setting it also stops the threshold's growth
+    return mallopt is not None and mallopt(m_mmap_threshold, MMAP_THRESHOLD) == 1
 
 
 def ds_dtype(ds: dict) -> torch.dtype:
