@@ -1,13 +1,20 @@
-"""Real multi-process DeepSpeed runs on CPU (gloo): 2 ranks reproduce 1 rank under ZeRO-2 and ZeRO-3."""
+"""Real multi-process DeepSpeed runs on CPU (gloo): 2 ranks reproduce 1 rank under ZeRO-2 and ZeRO-3, and ZeRO-3's
+shipped settings release a frozen backbone's modules after use."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import read_log, run_cli, write_config, write_entailment_task
+from tests.conftest import REPO, read_log, run_cli, write_config, write_entailment_task
+from tests.ranks import free_port
 
 NUM_STEPS = 6
 
@@ -72,3 +79,19 @@ def test_zero3_two_ranks_match_one_rank_across_methods(tmp_path, tiny_models, fa
         losses[num_ranks] = read_log(run / "out", "train/loss")
     assert np.std(losses[1]) > 1e-3
     np.testing.assert_allclose(losses[2], losses[1], rtol=2e-4)
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_zero3_configs_release_each_frozen_module_after_use(prefetch):
+    """The shipped zero3.json leaves nothing of a frozen backbone gathered at the end of the forward; with DeepSpeed's
+    prefetching on (the trainer's default bucket when the JSON leaves it out), modules stay gathered until backward."""
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           "tests/zero3_release.py", "ds_configs/zero3.json", *(["--prefetch"] if prefetch else [])]
+    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    if prefetch:
+        assert got["gathered"] >= 2 * got["layer"]
+    else:
+        assert got["gathered"] <= got["layer"]
