@@ -57,7 +57,6 @@ DEFAULT_CELLS = ["125m", "1b", "1.5b", "3b", "4b", "7b", "7b-nvme", "125m-glibc"
 # -glibc cells: glibc's mmap threshold at the top of its default range (it grows up to 32 MiB), as in a process that
 # has not run unmap_freed_gathers: ZeRO-3's freed parameter gathers stay in the heap below the activations after them.
 HEAP_THRESHOLD = 32 * 2**20
-MEMORY_ALLOCATOR = f"mmap threshold {MMAP_THRESHOLD // 2**20} MiB"
 VOCAB = 49_152  # SmolLM2's tokenizer (LLaMA-1/2 have 32,000 tokens, Llama-3 128,256): only the embedding differs
 SEQ_LEN, NUM_PROMPT, MICRO_BATCH = 64, 8, 1
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # no sparsity
@@ -318,7 +317,7 @@ def build_rows(cells: list[str], estimates: dict, measured: dict, *, world: int)
         est, got = estimates[cell], measured.get(cell, {})
         flops = step_flops(shape, sequences=MICRO_BATCH * world, positions=est["positions"])
         row = {"cell": cell, "shape": SHAPES[shape][5], "weights": "NVMe" if nvme else "memory",
-               "allocator": f"mmap threshold {(HEAP_THRESHOLD if heap else MMAP_THRESHOLD) // 2**20} MiB",
+               "allocator": f"mmap threshold {(HEAP_THRESHOLD if heap else MMAP_THRESHOLD) // 2**20} MiB", "heap": heap,
                "matmul_params": matmul_params(shape), "positions": est["positions"], "step_flops": flops,
                "estimate_mib": est["per_rank_bytes"] / 2**20, "estimate_parts_mib": est["parts_mib"],
                "status": "measured" if "step_s" in got else got.get("skipped") or got.get("failed") or "not run"}
@@ -403,7 +402,7 @@ def plot(out: Path, rows: list[dict]) -> None:
     done = [r for r in rows if r["status"] == "measured"]
     fig, (mem, speed) = plt.subplots(1, 2, figsize=(12, 4.5))
     for weights, marker in (("memory", "o"), ("NVMe", "s")):
-        some = sorted((r for r in done if r["weights"] == weights and r["allocator"] == MEMORY_ALLOCATOR),
+        some = sorted((r for r in done if r["weights"] == weights and not r["heap"]),
                       key=lambda r: r["params"])
         if not some:
             continue
@@ -416,9 +415,9 @@ def plot(out: Path, rows: list[dict]) -> None:
                    label=f"achieved (training step), weights in {weights}")
         speed.plot(billions, [r["gemm_flops_per_s"]["square"] / 1e9 for r in some], marker=marker, linestyle="none",
                    color="grey", label="GEMM peak (square), measured with each cell" if marker == "o" else None)
-    glibc = [r for r in done if r["allocator"] != MEMORY_ALLOCATOR]
-    if glibc:
-        mem.plot([r["params"] / 1e9 for r in glibc], [max(r["peak_rss_mib"] or [0]) / 1024 for r in glibc],
+    heap = [r for r in done if r["heap"]]
+    if heap:
+        mem.plot([r["params"] / 1e9 for r in heap], [max(r["peak_rss_mib"] or [0]) / 1024 for r in heap],
                  marker="x", linestyle="none", color="black", label="measured peak RSS, gathers left in the heap")
     skipped = [r["cell"] for r in rows if r["status"] != "measured"]
     if skipped:

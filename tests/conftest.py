@@ -131,15 +131,19 @@ def write_config(path: Path, sections: dict) -> Path:
     return path
 
 
+def deepspeed_command(num_ranks: int, *args: str, port: str | None = None) -> list[str]:
+    """The deepspeed launcher starting ARGS (a script and its arguments, or --module NAME ...) on `num_ranks` ranks."""
+    port = port or str(random.Random().randint(20000, 40000))
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_ranks), "--master_port", port, *args]
+
+
 def run_cli(*args: str, num_ranks: int = 1, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `ipt-ds ARGS` in real processes: directly for one rank, through the deepspeed launcher for more."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
     if num_ranks == 1:
         cmd = [sys.executable, "-m", "ipt_ds", *args]
     else:
-        port = str(random.Random().randint(20000, 40000))
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_ranks), "--master_port", port,
-               "--module", "ipt_ds", *args]
+        cmd = deepspeed_command(num_ranks, "--module", "ipt_ds", *args)
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

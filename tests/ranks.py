@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.conftest import deepspeed_command
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -90,8 +92,7 @@ def start(args: list[str], *, num_ranks: int, log_dir: Path, launcher: bool = Fa
             **(env or {})}
     port = str(free_port())
     if launcher:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_ranks), "--master_port", port,
-               "--module", "ipt_ds", *args]
+        cmd = deepspeed_command(num_ranks, "--module", "ipt_ds", *args, port=port)
         commands = [(cmd, base, log_dir / "launcher.log")]
     else:
         commands = [([sys.executable, "-m", "ipt_ds", *args],

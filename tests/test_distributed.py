@@ -7,14 +7,11 @@ import json
 import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, read_log, run_cli, write_config, write_entailment_task
-from tests.ranks import free_port
+from tests.conftest import REPO, deepspeed_command, read_log, run_cli, write_config, write_entailment_task
 
 NUM_STEPS = 6
 
@@ -85,8 +82,7 @@ def test_zero3_two_ranks_match_one_rank_across_methods(tmp_path, tiny_models, fa
 def test_zero3_configs_release_each_frozen_module_after_use(prefetch):
     """The shipped zero3.json leaves nothing of a frozen backbone gathered at the end of the forward; with DeepSpeed's
     prefetching on (the trainer's default bucket when the JSON leaves it out), modules stay gathered until backward."""
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "tests/zero3_release.py", "ds_configs/zero3.json", *(["--prefetch"] if prefetch else [])]
+    cmd = deepspeed_command(2, "tests/zero3_release.py", "ds_configs/zero3.json", *(["--prefetch"] if prefetch else []))
     result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

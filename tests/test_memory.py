@@ -49,10 +49,10 @@ def test_zero3_keeps_parameters_under_the_persistence_threshold_whole():
     assert parts(model, job(stage=3, world_size=4))["frozen weights"] == 4 * (1000 + 10_000_000 / 4)
 
 
-
 def test_zero3_releases_each_module_only_without_reuse_distance_and_prefetch():
-    """Measured on 2 CPU ranks (8-layer LLaMA, 50 MB per layer, DeepSpeed 0.19.8): after the forward each rank held the
-    whole layer stack with either setting left on, and one layer with both at 0 (ds_configs/zero3.json)."""
+    """As measured (tests/test_distributed.py::test_zero3_configs_release_each_frozen_module_after_use, and the scale
+    study in docs/benchmarks.md): modules stay gathered until backward with either setting on, one at a time with both
+    at 0 (ds_configs/zero3.json)."""
     layers = ModelShape(units=tuple((((1_000_000, False),), True) for _ in range(3)), hidden_size=64,
                         intermediate_size=256, num_heads=4, num_layers_with_grad=3, gated_mlp=False,
                         linear_inputs_kept=False)
@@ -100,6 +100,7 @@ def test_unmapping_freed_gathers_is_for_zero3_and_yields_to_the_environment(monk
     assert not unmap_freed_gathers({"zero_optimization": {"stage": 2}})
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
     assert not unmap_freed_gathers({"zero_optimization": {"stage": 3}})
+
 
 def test_frozen_parameters_add_no_gradient_or_optimizer_bytes():
     frozen_only = parts(shape(frozen=10_000_000), job(stage=2, world_size=2))

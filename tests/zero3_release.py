@@ -58,3 +58,4 @@ for _ in range(2):
 if engine.global_rank == 0:
     layer = sum(p.ds_numel for p in backbone.layers[0].parameters() if not p.ds_persist)
     print(json.dumps({"gathered": gathered, "layer": layer, "stack": sum(p.ds_numel for p in partitioned)}))
+torch.distributed.destroy_process_group()  # gloo's threads otherwise may abort the interpreter's exit
