@@ -56,8 +56,8 @@ def ipt_trainable(method, bb) -> int:
     n, hidden, kv = method.num_tokens, bb.hidden_size, bb.num_kv_heads * bb.head_dim
     prefix_path = method.method == "prefix-tuning"
     width = 2 * kv if prefix_path else hidden
-    total = n * bb.prefix_layers * 2 * kv if prefix_path else (n * hidden if method.task_prompt or not method.instance
-                                                             else 0)
+    total = n * bb.prefix_layers * 2 * kv if prefix_path else (n * hidden if method.has_task_prompt else 0)
+    total += width if method.residual else 0  # the gate
     has_table = method.instance and (method.instance_pretrain or not method.encoder)
     total += bb.vocab_size * width if has_table and not method.fix_emb else 0
     if method.instance and method.encoder:
@@ -288,6 +288,10 @@ IPT_VARIANTS = {
     "prefix-cnn": {"method.method": "prefix-tuning", "method.encoder": "cnn", "method.generator_width": 8,
                    "method.instance_scale": 1.0},
     "prefix-task-only": {"method.method": "prefix-tuning", "method.instance": False},
+    "prompt-cnn-residual": {"method.encoder": "cnn", "method.generator_width": 8, "method.residual": True,
+                            "method.generator_dropout": 0.1},
+    "prefix-mlp-residual": {"method.method": "prefix-tuning", "method.encoder": "mlp", "method.generator_width": 8,
+                            "method.residual": True},
 }
 
 
@@ -318,6 +322,40 @@ def test_ipt_variants(family, variant, tiny_models, data):
                if cfg.method.instance else None)
     if vectors is not None:
         assert not torch.allclose(vectors[0], vectors[1])
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("path", ["prompt-tuning", "prefix-tuning"])
+def test_residual_ipt_starts_as_its_task_level_method(family, path, tiny_models, data):
+    """Residual IPT at step 0 gives the logits and loss of prompt tuning (prompt path) or P-tuning v2 (prefix path)
+    holding its task-level prompt, label words scored by the backbone's own LM head; one step later the gate has
+    moved and the generator gets gradients."""
+    task, common = get_task("rte"), {"model.name_or_path": str(tiny_models[family]), "head.type": "verbalizer",
+                                     "head.dropout": 0.0, "data.max_length": 32}
+    torch.manual_seed(0)
+    cfg = load_config(None, {**common, **method_overrides("ipt"), "method.method": path, "method.encoder": "cnn",
+                             "method.generator_width": 8, "method.residual": True, "method.init": "vocab"})
+    ipt, encoder = build_model(cfg, task, dtype=torch.float32, ds_config=None)
+    plain_name = "prompt_tuning" if path == "prompt-tuning" else "ptuning_v2"
+    plain, _ = build_model(load_config(None, {**common, **method_overrides(plain_name)}), task, dtype=torch.float32,
+                           ds_config=None)
+    with torch.no_grad():
+        task_level = ipt.method.task_prompt if path == "prompt-tuning" else ipt.method.task_prefix
+        (plain.method.prompt if path == "prompt-tuning" else plain.method.table).copy_(task_level)
+    plain.head.load_state_dict(ipt.head.state_dict())
+    batch = collate([encoder(e) for e in read_split(data["train"], task)], encoder.tokenizer.pad_token_id)
+    ipt.eval(), plain.eval()
+    (logits, loss), (plain_logits, plain_loss) = ipt(batch), plain(batch)
+    torch.testing.assert_close(logits, plain_logits, rtol=0, atol=0)
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    optimizer = torch.optim.Adam([p for p in ipt.parameters() if p.requires_grad], lr=1e-2)
+    ipt.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        ipt(batch)[1].backward()
+        optimizer.step()
+    assert ipt.method.gate.abs().min() > 0
+    assert all(p.grad.abs().sum() > 0 for p in ipt.method.generator.parameters())
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])

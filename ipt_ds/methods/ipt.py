@@ -7,6 +7,9 @@ lookup table from `emb_checkpoints`, `fix_emb` freezes it, and `encoder` adds a 
   `task_prompt`, after N task-level vectors); with `instance: false` this is plain prompt tuning.
 - Prefix path (`method: prefix-tuning`): a task-level key/value prefix of N positions at every layer; the instance
   term (N vectors of 2 x kv) is scaled by `instance_scale` (0.05) and added to the prefixes of `instance_layers` ([0]).
+- Residual (`residual: true`, not in the reference): the instance term is added to a task-level prompt (prompt path)
+  or task prefix (prefix path) through a per-dimension gate that starts at 0, so step 0 is exactly prompt tuning
+  (or the task prefix alone) and training decides how much instance information to use.
 Instance vectors: rows of a (V, D) lookup table indexed by the first N token ids (random or pretrained), optionally
 passed through a generator; a generator without a pretrained table reads the backbone's own embeddings of those
 tokens (activations, so nothing partitioned is read under ZeRO-3). docs/methods/ipt.md lists the deliberate
@@ -32,6 +35,7 @@ from ipt_ds.backbone import Backbone
 from ipt_ds.methods import register
 from ipt_ds.methods.base import MethodConfig, MethodOutput, leading, run_with_input_prompt, source_mask
 from ipt_ds.methods.generators import build_generator
+from ipt_ds.methods.prompt_tuning import initial_prompt
 
 log = logging.getLogger(__name__)
 ARTIFACT_FORMAT = "ipt-ds instance prompts v1"
@@ -67,16 +71,40 @@ class IPTConfig(MethodConfig):
     """Prefix path: scale of the instance term added to the task prefix."""
     instance_layers: list[int] = field(default_factory=lambda: [0])
     """Prefix path: layers whose prefixes receive the instance term."""
+    residual: bool = False
+    """The instance term is a residual on a task-level prompt (prompt path) or task prefix (prefix path), through a
+    learned per-dimension gate that starts at 0: step 0 is plain prompt tuning (prefix: the task prefix alone). On
+    the prefix path the gate replaces instance_scale. False: the reference's behaviour."""
+    generator_dropout: float = 0.0
+    """Dropout on the instance term during training (few-shot data: a generator overfits quickly)."""
+    init: Literal["random", "vocab", "text"] = "random"
+    """Prompt path: how the task-level prompt starts, as prompt tuning's `init` (random: U(-init_range, init_range);
+    vocab: embeddings of random frequent tokens; text: of init_text)."""
+    init_text: str = ""
+    """Text whose token embeddings start the task-level prompt when init is 'text'."""
     init_range: float = 0.5
     """Random tables and task prompts start U(-init_range, init_range)."""
 
     def validate(self) -> list[str]:
         problems = [] if self.num_tokens >= 1 else [f"method.num_tokens must be >= 1, got {self.num_tokens}"]
+        if self.residual and not self.instance:
+            problems.append("method.residual adds an instance term to the task prompt; it needs method.instance: true")
+        if self.residual and self.task_prompt:
+            problems.append("method.residual already starts from a task-level prompt; drop method.task_prompt")
+        if not 0 <= self.generator_dropout < 1:
+            problems.append(f"method.generator_dropout must be in [0, 1), got {self.generator_dropout}")
+        if self.init == "text" and not self.init_text:
+            problems.append("method.init is 'text' but method.init_text is empty; give the text or use init: vocab")
         if self.instance_pretrain and not self.emb_checkpoints:
             problems.append("method.instance_pretrain needs method.emb_checkpoints (the pretrained table file)")
         if not self.instance and (self.encoder or self.instance_pretrain):
             problems.append("method.encoder and method.instance_pretrain need method.instance: true")
         return problems
+
+    @property
+    def has_task_prompt(self) -> bool:
+        """Prompt path: whether N task-level vectors are trained (before the instance prompt, or under it)."""
+        return self.method == "prompt-tuning" and (self.task_prompt or self.residual or not self.instance)
 
 
 def instance_width(cfg: IPTConfig, backbone: Backbone) -> int:
@@ -177,28 +205,33 @@ def load_generator(generator: nn.Module, tensors: dict[str, torch.Tensor], *, so
 
 class IPT(nn.Module):
     def __init__(self, cfg: IPTConfig, backbone: Backbone, pad_id: int, *, pretrained: Pretrained | None = None,
-                 initial_table: torch.Tensor | None = None):
+                 initial_table: torch.Tensor | None = None, task_prompt: torch.Tensor | None = None):
         """`pretrained`: what `emb_checkpoints` holds (with `instance_pretrain`); `initial_table`: a (V, D) table to
-        start from (pretraining gives one, so that a generator reads a table of its own)."""
+        start from (pretraining gives one, so that a generator reads a table of its own); `task_prompt`: the (N, H)
+        task-level prompt to start from (prompt path)."""
         super().__init__()
         self.cfg, self.pad_id = cfg, pad_id
-        num_tokens, hidden = cfg.num_tokens, backbone.hidden_size
+        num_tokens = cfg.num_tokens
         self.prefix_path = cfg.method == "prefix-tuning"
         kv = backbone.num_kv_heads * backbone.head_dim
         self.shape = (backbone.prefix_layers * 2, backbone.num_kv_heads, backbone.head_dim)
         width = instance_width(cfg, backbone)  # one instance vector per prompt position
-        self.num_prefix_positions = 0 if self.prefix_path else num_tokens * (1 + (cfg.task_prompt and cfg.instance))
+        concatenated = cfg.task_prompt and cfg.instance and not cfg.residual
+        self.num_prefix_positions = 0 if self.prefix_path else num_tokens * (1 + concatenated)
         if self.prefix_path:
             self.task_prefix = nn.Parameter(torch.randn(num_tokens, backbone.prefix_layers * 2 * kv) * 0.02)
-        elif cfg.task_prompt or not cfg.instance:
-            self.task_prompt = nn.Parameter(torch.empty(num_tokens, hidden).uniform_(-cfg.init_range, cfg.init_range))
+        elif cfg.has_task_prompt:
+            self.task_prompt = nn.Parameter(task_prompt)  # (N, H)
+        if cfg.residual:
+            self.gate = nn.Parameter(torch.zeros(width))  # (D,): at 0 the instance term contributes nothing
+        self.instance_dropout = nn.Dropout(cfg.generator_dropout)
         table = pretrained.table if pretrained is not None else initial_table
         if cfg.instance and (table is not None or not cfg.encoder):
             if table is None:
                 table = torch.empty(backbone.vocab_size, width).uniform_(-cfg.init_range, cfg.init_range)
             self.table = nn.Embedding.from_pretrained(table.float(), freeze=cfg.fix_emb)
         if cfg.instance and cfg.encoder:
-            d_in = width if hasattr(self, "table") else hidden
+            d_in = width if hasattr(self, "table") else backbone.hidden_size
             self.generator = build_generator(cfg.encoder, d_in, width, cfg.generator_width)
             if pretrained is not None and pretrained.generator:
                 load_generator(self.generator, pretrained.generator, source=cfg.emb_checkpoints)
@@ -217,23 +250,29 @@ class IPT(nn.Module):
         x = self.table(ids) if hasattr(self, "table") else backbone.embed(ids).to(self.generator_dtype)
         return self.generator(x) if hasattr(self, "generator") else x
 
+    def instance_term(self, backbone: Backbone, batch: dict) -> torch.Tensor:
+        """(B, N, D) what the instance adds: gated when residual, with dropout in training."""
+        term = self.instance_dropout(self.instance_vectors(backbone, batch["input_ids"], source_mask(batch)))
+        return self.gate * term if self.cfg.residual else term
+
     def forward(self, backbone: Backbone, batch: dict) -> MethodOutput:
         input_ids = batch["input_ids"]
         batch_size = input_ids.shape[0]
         if not self.prefix_path:
             parts = [self.task_prompt.expand(batch_size, -1, -1)] if hasattr(self, "task_prompt") else []
-            if self.cfg.instance:
-                parts.append(self.instance_vectors(backbone, input_ids, source_mask(batch)))
+            if self.cfg.residual:
+                parts = [parts[0] + self.instance_term(backbone, batch)]  # (B, N, H)
+            elif self.cfg.instance:
+                parts.append(self.instance_term(backbone, batch))
             return run_with_input_prompt(backbone, torch.cat(parts, dim=1), batch)
         num_tokens = self.cfg.num_tokens
         kv = self.task_prefix.view(1, num_tokens, *self.shape).expand(batch_size, -1, -1, -1, -1)  # (B, N, 2L, h, d)
         if self.cfg.instance:
-            term = self.instance_vectors(backbone, input_ids, source_mask(batch))
-            term = term.view(batch_size, num_tokens, 2, *self.shape[1:])
+            term = self.instance_term(backbone, batch).view(batch_size, num_tokens, 2, *self.shape[1:])
             slots = torch.zeros_like(kv)
             for layer in self.cfg.instance_layers:
                 slots = slots.index_add(2, torch.tensor([2 * layer, 2 * layer + 1], device=kv.device), term)
-            kv = kv + self.cfg.instance_scale * slots
+            kv = kv + (1.0 if self.cfg.residual else self.cfg.instance_scale) * slots
         embeds = backbone.embed(input_ids)
         kv = kv.permute(2, 0, 3, 1, 4).to(embeds.dtype)  # (2L, B, heads, N, d)
         prefix = [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(self.shape[0] // 2)]
@@ -256,4 +295,7 @@ def build(cfg: IPTConfig, backbone: Backbone, tokenizer, *, initial_table: torch
         if pretrained.generator and not cfg.encoder:
             log.info("method.emb_checkpoints also holds a %s generator; without method.encoder only its table is used",
                      pretrained.about.get("encoder", "pretrained"))
-    return IPT(cfg, backbone, tokenizer.pad_token_id, pretrained=pretrained, initial_table=initial_table)
+    task_prompt = initial_prompt(backbone, tokenizer, num_tokens=cfg.num_tokens, init=cfg.init, init_text=cfg.init_text,
+                                 init_range=cfg.init_range) if cfg.has_task_prompt else None
+    return IPT(cfg, backbone, tokenizer.pad_token_id, pretrained=pretrained, initial_table=initial_table,
+               task_prompt=task_prompt)

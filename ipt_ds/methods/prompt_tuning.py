@@ -56,21 +56,24 @@ class PromptTuning(nn.Module):
         return run_with_input_prompt(backbone, self.prompt.expand(batch_size, -1, -1), batch)
 
 
-def initial_prompt(cfg: PromptTuningConfig, backbone: Backbone, tokenizer) -> torch.Tensor:
-    num_tokens, hidden = cfg.num_virtual_tokens, backbone.hidden_size
-    if cfg.init == "random":
-        return torch.empty(num_tokens, hidden).uniform_(-cfg.init_range, cfg.init_range)
-    if cfg.init == "vocab":
+def initial_prompt(backbone: Backbone, tokenizer, *, num_tokens: int, init: str, init_text: str = "",
+                   init_range: float = 0.5) -> torch.Tensor:
+    """(num_tokens, H) starting prompt: U(-init_range, init_range), random frequent tokens' embeddings, or a text's."""
+    hidden = backbone.hidden_size
+    if init == "random":
+        return torch.empty(num_tokens, hidden).uniform_(-init_range, init_range)
+    if init == "vocab":
         special = set(tokenizer.all_special_ids)
         frequent = range(min(NUM_FREQUENT_TOKENS + len(special), backbone.vocab_size))
         candidates = [i for i in frequent if i not in special]
         ids = torch.tensor(candidates)[torch.randperm(len(candidates))[:num_tokens]]
     else:
-        text_ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+        text_ids = tokenizer(init_text, add_special_tokens=False)["input_ids"]
         ids = torch.tensor((text_ids * num_tokens)[:num_tokens])
     return embedding_rows(backbone, ids)
 
 
 @register("prompt_tuning", PromptTuningConfig)
 def build(cfg: PromptTuningConfig, backbone: Backbone, tokenizer) -> nn.Module:
-    return PromptTuning(initial_prompt(cfg, backbone, tokenizer))
+    return PromptTuning(initial_prompt(backbone, tokenizer, num_tokens=cfg.num_virtual_tokens, init=cfg.init,
+                                       init_text=cfg.init_text, init_range=cfg.init_range))
