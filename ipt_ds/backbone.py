@@ -523,7 +523,7 @@ def load_backbone(
     elif cfg.random_init:  # with HfDeepSpeedConfig alive, transformers builds and initialises it under zero.Init
         model = model_cls.from_config(hf_config, dtype=dtype, **common)
     else:
-        model = model_cls.from_pretrained(path, dtype=dtype, **common)
+        model = _from_pretrained(model_cls, path, cfg.name_or_path, dtype=dtype, **common)
     tokenizer = AutoTokenizer.from_pretrained(path, **common) if family != "vision" else None  # images: none
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # decoders ship without one; padding is masked anyway
@@ -543,6 +543,19 @@ def load_backbone(
         model.embeddings.mask_token = None  # masked-image pretraining only; no forward here uses it
     backbone._ds_config_ref = keep_alive  # plain attribute: keeps HfDeepSpeedConfig alive with the model
     return backbone, tokenizer
+
+
+def _from_pretrained(model_cls, path: str, name: str, **kwargs) -> nn.Module:
+    """`from_pretrained` with user errors for weights that are missing or damaged (a copy cut short)."""
+    from safetensors import SafetensorError
+
+    try:
+        return model_cls.from_pretrained(path, **kwargs)
+    except (OSError, SafetensorError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ValueError(f"model.name_or_path '{name}': cannot read the weights in {path} ({reason}); a model "
+                         "directory needs its config.json and complete weights (model.safetensors): copy or "
+                         "download it again") from None
 
 
 def num_elements(p: torch.Tensor) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ipt_ds import failures
@@ -43,6 +44,19 @@ def atomic_write_text(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     tmp.replace(path)
+
+
+def new_output_file(output: str | None, flag: str = "--output") -> Path:
+    """Check, before any work, that a result file can be written at `output`: given, new, in an existing directory."""
+    if not output or output is True:  # fire turns a bare `--output` into True
+        raise ValueError(f"{flag}: give the file to write, e.g. {flag}=predictions.jsonl")
+    out = Path(output)
+    if out.exists():
+        raise ValueError(f"{flag} '{out}' exists; choose another path (predictions never overwrite a file)")
+    if not out.absolute().parent.is_dir():
+        raise ValueError(f"{flag} '{out}': the directory '{out.parent}' does not exist; create it or choose another "
+                         "path")
+    return out
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -86,8 +100,25 @@ def read_export(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     recover_dir(path)
     if not (path / EXPORT_CONFIG).is_file() or not (path / EXPORT_WEIGHTS).is_file():
         raise ValueError(f"{path}: not an export directory (expected {EXPORT_CONFIG} and {EXPORT_WEIGHTS}); "
-                         "exports are written to <run>/best and <run>/final")
-    return json.loads((path / EXPORT_CONFIG).read_text()), load_file(path / EXPORT_WEIGHTS)
+                         "a run writes its export to <run>/best")
+    try:
+        meta = json.loads((path / EXPORT_CONFIG).read_text())
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path / EXPORT_CONFIG}: not a readable export config ({err}); the export is damaged: "
+                         "copy it again from its run") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{path / EXPORT_CONFIG}: not an ipt-ds export config (no 'config' mapping); give the "
+                         "<run>/best directory of an ipt-ds run")
+    return meta, read_safetensors(path / EXPORT_WEIGHTS)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """`load_file` with a user error for a damaged file (cut short by a copy, or not safetensors at all)."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); it is truncated or damaged: copy it "
+                         "again") from None
 
 
 def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], *, source: str) -> None:

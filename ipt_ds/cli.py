@@ -5,7 +5,7 @@
   ipt-ds predict RUN/best --input=F --output=F.jsonl predictions for a labelled or unlabelled file
   ipt-ds predict-mixed --exports=a=DIR,b=DIR --input=F --output=F.jsonl   rows of several tasks, one backbone
   ipt-ds estimate CONFIG.yaml [--key=value ...]      trainable / total parameter counts before a run
-  ipt-ds estimate-memory CONFIG.yaml [--world_size=N] per-rank memory before a run (frozen-aware)
+  ipt-ds estimate-memory CONFIG.yaml [--world_size=N]  per-rank memory before a run (frozen-aware)
   ipt-ds show-config CONFIG.yaml [--key=value ...]   print the resolved configuration
   ipt-ds methods | tasks                             list what is registered
   ipt-ds make-digits DIR | make-vit DIR              sklearn's digits as images; a random-weight ViT
@@ -16,6 +16,8 @@ Other packages add commands through the `ipt_ds.commands` entry-point group; ipt
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 import sys
@@ -57,9 +59,11 @@ def _user_errors(command):
     """Run a command; a user error prints one clear message and exits 2 (the traceback only with --run.debug).
     Any other failure logs `rank R failed at step S: ...` with its traceback and exits 1. A rank that joined a process
     group leaves at once either way, so that no teardown waits on peers (see failures.py)."""
+    @functools.wraps(command)  # fire reads the signature and the docstring (--help) through __wrapped__
     def wrapped(*args, **overrides):
         _setup(overrides)
         try:
+            _check_arguments(command, args, overrides)
             result = command(*args, **overrides)
             _shutdown_distributed()
             return result
@@ -74,8 +78,27 @@ def _user_errors(command):
             logging.getLogger("ipt_ds").exception(failure_message(err))
             _exit(1)
 
-    wrapped.__doc__ = command.__doc__
     return wrapped
+
+
+def _usage(name: str) -> str:
+    """The command's line of this module's docstring, e.g. `ipt-ds train CONFIG.yaml [--optim.lr=1e-3 ...]`."""
+    lines = [line.strip() for line in (__doc__ or "").splitlines() if line.strip().startswith(f"ipt-ds {name} ")]
+    return lines[0].split("  ")[0] if lines else f"ipt-ds {name} ..."
+
+
+def _check_arguments(command, args: tuple, overrides: dict) -> None:
+    """A missing argument is a user error naming it (fire would call the function and end in a TypeError)."""
+    try:
+        inspect.signature(command).bind(*args, **overrides)
+    except TypeError:
+        name = command.__name__.replace("_", "-")
+        params = [p for p in inspect.signature(command).parameters.values()
+                  if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+        missing = [("--" if i else "") + (p.name if i else p.name.upper()) for i, p in enumerate(params)
+                   if i >= len(args) and p.name not in overrides]
+        raise ValueError(f"ipt-ds {name}: missing {', '.join(missing) or 'arguments'}; usage: {_usage(name)} "
+                         f"(`ipt-ds {name} --help` lists every option)") from None
 
 
 def _debug(overrides: dict) -> bool:
@@ -124,11 +147,17 @@ def predict(export: str, input: str, output: str, **overrides):  # noqa: A002 - 
 
 
 @_user_errors
-def predict_mixed(exports: str, input: str, output: str, batch_size: int = 32):  # noqa: A002
-    """Predict a jsonl file mixing tasks; each row's `export` field names one of --exports=name=DIR,..."""
+def predict_mixed(exports: str, input: str, output: str, batch_size: int = 32, **overrides):  # noqa: A002
+    """Predict a jsonl file mixing tasks; each row's `export` field names one of --exports=name=DIR,...
+    --model.trust_remote_code=true lets the exports' backbones run their own code (no export can ask for it)."""
     from ipt_ds import mixed
 
-    mixed.predict_mixed(mixed.parse_exports(exports), input, output, batch_size=batch_size)
+    unknown = sorted(set(overrides) - {"model.trust_remote_code", "run.debug"})
+    if unknown:
+        raise ValueError(f"predict-mixed: unknown flags {', '.join('--' + k for k in unknown)}; it takes --exports, "
+                         "--input, --output, --batch_size, --model.trust_remote_code and --run.debug")
+    remote = {k: v for k, v in overrides.items() if k == "model.trust_remote_code"}
+    mixed.predict_mixed(mixed.parse_exports(exports), input, output, batch_size=batch_size, overrides=remote)
 
 
 @_user_errors
@@ -247,6 +276,9 @@ def main() -> None:
 
     # The deepspeed launcher puts --local_rank=N before the command; LOCAL_RANK in the environment carries it too.
     sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
+    if "--" not in sys.argv and any(a in ("-h", "--help") for a in sys.argv[2:]):
+        # Every command takes **overrides, which would swallow --help as a setting; fire shows help after `--`.
+        sys.argv = [a for a in sys.argv if a not in ("-h", "--help")] + ["--", "--help"]
     try:
         fire.Fire({**_plugin_commands(), "train": train, "evaluate": evaluate, "predict": predict,
                    "estimate": estimate, "show-config": show_config, "methods": methods, "tasks": tasks,

@@ -73,6 +73,10 @@ def resolve_ds_config(cfg: Config, *, world_size: int) -> dict:
                          "ones") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: broken JSON ({err.msg})") from None
+    if not isinstance(ds, dict):
+        raise ValueError(f"{path}: a DeepSpeed config is a JSON object ({{\"zero_optimization\": ...}}), this file "
+                         f"holds a {type(ds).__name__}; see ds_configs/ for the shipped ones")
+    _check_offload_paths(ds, path)
     clashes = [f"'{key}' (set it with {owner} in the YAML)" for key, owner in YAML_OWNED.items() if key in ds]
     if clashes:
         raise ValueError(f"{path}: the DeepSpeed config sets keys that the experiment YAML owns: {', '.join(clashes)}; "
@@ -86,6 +90,29 @@ def resolve_ds_config(cfg: Config, *, world_size: int) -> dict:
     ds.setdefault("zero_optimization", {"stage": 0})
     ds.setdefault("steps_per_print", 10**9)  # our own logging reports progress
     return ds
+
+
+def _check_offload_paths(ds: dict, path: Path) -> None:
+    """ZeRO's NVMe offload writes under `nvme_path`, creating it; DeepSpeed finds that it cannot only after the model
+    is built and partitioned, minutes into the run. Checked here, up front: the path is a directory, or can be made in
+    its nearest existing parent."""
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError(f"{path}: 'zero_optimization' must be a JSON object, got {type(zero).__name__}")
+    for key in ("offload_param", "offload_optimizer"):
+        offload = zero.get(key) or {}
+        if not isinstance(offload, dict) or offload.get("device") != "nvme":
+            continue
+        target = offload.get("nvme_path")
+        if not target:
+            raise ValueError(f"{path}: zero_optimization.{key} offloads to nvme but sets no nvme_path; give a "
+                             "directory on a local NVMe disk")
+        existing = Path(target).absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"{path}: zero_optimization.{key}.nvme_path '{target}' cannot be written ('{existing}' "
+                             "is not a writable directory); point nvme_path at a directory on a local NVMe disk")
 
 
 def fit_zero3_buckets(ds: dict, hidden_size: int) -> None:

@@ -27,7 +27,13 @@ def load_for_inference(export_dir: str, overrides: dict):
     import deepspeed
 
     meta, tensors = checkpoint.read_export(Path(export_dir))
-    cfg = config_from_dict(meta["config"], overrides, source=export_dir)
+    trained_on = meta["config"].get("data", {}).get("task")
+    asked = overrides.get("data.task")
+    if asked is not None and trained_on is not None and str(asked) != trained_on:
+        raise ValueError(f"--data.task: '{export_dir}' was trained on task '{trained_on}'; it cannot score '{asked}' "
+                         f"(its head and labels are {trained_on}'s). Leave --data.task out, or use an export of a "
+                         f"{asked} run")
+    cfg = config_from_dict(meta["config"], overrides, source=f"{export_dir}/{checkpoint.EXPORT_CONFIG}")
     if cfg.data.format in ("imagefolder", "npz"):
         raise ValueError(f"'{export_dir}' is an image classification export; evaluate and predict take text exports "
                          "(the run's results.json holds its eval and test scores)")
@@ -60,10 +66,10 @@ def evaluate_export(export_dir: str, overrides: dict) -> dict:
 def predict_export(export_dir: str, input_path: str, output_path: str, overrides: dict) -> None:
     """Write one jsonl line per input example: guid, predicted label (name or score) and the raw scores; for a
     generation task guid, source and the generated text."""
+    out = checkpoint.new_output_file(output_path)
+    if not Path(input_path).is_file():
+        raise ValueError(f"--input '{input_path}': no such file")
     cfg, task, engine, encoder, rank = load_for_inference(export_dir, overrides)
-    out = Path(output_path)
-    if out.exists():
-        raise ValueError(f"--output '{out}' exists; choose another path (predictions never overwrite a file)")
     if task.generation:  # one line per source: guid, source, generated text
         fields = cfg.data.fields or {"source": "mr" if task.name == "e2e" else "source"}
         examples = read_generation_file(Path(input_path), source_key=fields["source"], target_key=None)

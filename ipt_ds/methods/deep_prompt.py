@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ipt_ds.backbone import Backbone
+from ipt_ds.confload import at_least
 from ipt_ds.methods import register
 from ipt_ds.methods.base import MethodConfig, MethodOutput
 
@@ -32,7 +33,7 @@ class PTuningV2Config(MethodConfig):
     """Dropout on the prefix vectors during training (P-tuning v2 uses the backbone's hidden dropout, 0.1)."""
 
     def validate(self) -> list[str]:
-        problems = [] if self.num_virtual_tokens >= 1 else ["method.num_virtual_tokens must be >= 1"]
+        problems = at_least(self, "method", 1, "num_virtual_tokens", "projection_hidden")
         if not 0 <= self.dropout < 1:
             problems.append(f"method.dropout must be in [0, 1), got {self.dropout}")
         return problems

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ipt_ds.backbone import Backbone
+from ipt_ds.confload import at_least
 from ipt_ds.methods import register
 from ipt_ds.methods.base import MethodConfig, MethodOutput, leading, run_with_input_prompt, source_mask
 from ipt_ds.methods.generators import build_generator
@@ -71,7 +72,8 @@ class IPTConfig(MethodConfig):
     """Random tables and task prompts start U(-init_range, init_range)."""
 
     def validate(self) -> list[str]:
-        problems = [] if self.num_tokens >= 1 else [f"method.num_tokens must be >= 1, got {self.num_tokens}"]
+        problems = at_least(self, "method", 1, "num_tokens", "generator_width") + at_least(self, "method", 0,
+                                                                                             "init_range")
         if self.instance_pretrain and not self.emb_checkpoints:
             problems.append("method.instance_pretrain needs method.emb_checkpoints (the pretrained table file)")
         if not self.instance and (self.encoder or self.instance_pretrain):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ipt_ds.backbone import Backbone
+from ipt_ds.confload import at_least
 from ipt_ds.methods import register
 from ipt_ds.methods.base import MethodConfig, MethodOutput, run_with_input_prompt
 
@@ -32,7 +33,7 @@ class PTuningV1Config(MethodConfig):
     """prefix: all virtual tokens before the input; split: half before the input, half before text_b (or the mask)."""
 
     def validate(self) -> list[str]:
-        return [] if self.num_virtual_tokens >= 1 else ["method.num_virtual_tokens must be >= 1"]
+        return at_least(self, "method", 1, "num_virtual_tokens") + at_least(self, "method", 0, "encoder_hidden")
 
 
 class PTuningV1(nn.Module):
