@@ -200,6 +200,13 @@ class Backbone(nn.Module):
             self.head_dim = getattr(config, "d_kv", None) or self.hidden_size // self.num_kv_heads
         self.vocab_size = getattr(config, "vocab_size", 0)  # vision backbones have none
         self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        # How inputs are numbered against the position table. RoBERTa-style embeddings number the positions of given
+        # embeddings from padding_idx + 1 (2 of RoBERTa's 514 rows are never used) and ignore a key/value cache;
+        # BERT-style ones start at 0, after the cached positions.
+        embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+        numbered_from_padding = hasattr(type(embeddings), "create_position_ids_from_inputs_embeds")
+        self.position_offset = embeddings.padding_idx + 1 if numbered_from_padding else 0
+        self.positions_follow_cache = not numbered_from_padding
         self.keep_dropout = keep_dropout
         self.positions_from_mask = False
         """Decoders: position ids count the real tokens of the mask (generation tasks, whose sources are left-padded
@@ -209,6 +216,11 @@ class Backbone(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
+
+    def positions_needed(self, num_tokens: int, *, embedded: int, cached: int) -> int:
+        """Rows of the position table used by `num_tokens` input tokens behind `embedded` prompt vectors that pass
+        through the embeddings, after a key/value prefix of `cached` positions."""
+        return self.position_offset + embedded + num_tokens + (cached if self.positions_follow_cache else 0)
 
     @property
     def base(self) -> nn.Module:
@@ -239,6 +251,7 @@ class Backbone(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         position_offset: int = 0,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the backbone on (B, S, H) embeddings; returns the last hidden states (B, S, H).
 
@@ -249,7 +262,8 @@ class Backbone(nn.Module):
         supported family concatenates in front of its own keys and values (positions of the input start at P).
         With `positions_from_mask`, decoder positions count the mask's real tokens, shifted by `position_offset`
         (LPT's lower layers: their input sits behind a prompt they do not see). Inside `capturing()` the keys and
-        values of this forward are kept in a growing cache, for decoding.
+        values of this forward are kept in a growing cache, for decoding. `position_ids` (B, S), when given, are used
+        as they are.
         """
         if self.family == "seq2seq":
             return self._encode_seq2seq(inputs_embeds, attention_mask, prefix)
@@ -264,6 +278,8 @@ class Backbone(nn.Module):
         if self.positions_from_mask and self.family == "decoder":
             positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
             kwargs["position_ids"] = positions + position_offset
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
         if self._captured is not None:
             from transformers import DynamicCache
 
@@ -370,8 +386,12 @@ class Backbone(nn.Module):
             if input_module is not None:
                 handle = self.base.get_submodule(input_module).register_forward_hook(lambda module, args, out: entering)
                 scope.callback(handle.remove)
-            # Where the embeddings' output is replaced, what they make of the input is unused: keep autograd out.
-            hidden = self.encode(entering if input_module is None else entering.detach(), mask, token_type_ids)
+            # Where the embeddings' output is replaced, what they make of the input is unused: keep autograd out, and
+            # number every position 0, so that P + T positions never index past the position table (the prompt
+            # takes no position: only the T input tokens need rows, and they got theirs below layer k).
+            unused_positions = None if input_module is None else mask.new_zeros(mask.shape)
+            hidden = self.encode(entering if input_module is None else entering.detach(), mask, token_type_ids,
+                                 position_ids=unused_positions)
         if self._captured is not None and self.family != "seq2seq":  # decoders: the two passes make one cache
             upper = self._captured.pop()
             self._captured.append(late_cache(self._captured.pop(), upper, self.model.config, layer=layer,

@@ -145,7 +145,7 @@ def save_rng(path: Path, rank: int) -> None:
 
 
 def load_rng(path: Path, rank: int) -> None:
-    states = load_file(path / f"rng_rank{rank}.safetensors")
+    states = read_safetensors(path / f"rng_rank{rank}.safetensors")
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
@@ -191,17 +191,36 @@ def safe_torch_load(path, map_location=None):
                              f"({str(err).strip().splitlines()[-1][:200]}); resume does not unpickle them") from None
 
 
+def latest_checkpoint(directory: Path, world: int) -> str:
+    """The checkpoint tag that `latest` names, checked before anything is loaded or written: `latest` holds a name,
+    and that checkpoint holds every rank's random state (saved last, so its files are complete)."""
+    latest = directory / "latest"
+    fix = ("resume from a copy of the run, or start it again with --run.overwrite=true (this deletes the run "
+           "directory)")
+    try:
+        tag = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--run.resume: cannot read '{latest}' ({err}); {fix}") from None
+    if not tag or "/" in tag or tag in (".", ".."):
+        raise ValueError(f"--run.resume: '{latest}' should hold the name of a checkpoint directory, it holds "
+                         f"{tag[:40]!r}; {fix}")
+    if not (directory / tag).is_dir():
+        raise ValueError(f"--run.resume: '{latest}' names checkpoint '{tag}', but '{directory / tag}' does not exist; "
+                         f"{fix}")
+    missing = [f"rng_rank{r}.safetensors" for r in range(world) if not (directory / tag / f"rng_rank{r}.safetensors")
+               .is_file()]
+    if missing:
+        raise ValueError(f"--run.resume: checkpoint '{directory / tag}' is incomplete (missing {', '.join(missing)}; "
+                         f"every rank writes its own); {fix}")
+    return tag
+
+
 def load_resume_state(engine, directory: Path, *, rank: int, world: int) -> dict:
     """Load the checkpoint `latest` names into `engine` and this rank's random state; return the client state.
 
     DeepSpeed's files are read with `torch.load(weights_only=True)`: tensors and DeepSpeed's plain records only.
     Leftovers of a save that was cut short (directories `latest` does not name) are removed afterwards."""
-    tag = (directory / "latest").read_text().strip()
-    missing = [f"rng_rank{r}.safetensors" for r in range(world) if not (directory / tag / f"rng_rank{r}.safetensors")
-               .is_file()]
-    if not tag or missing:
-        raise ValueError(f"--run.resume: checkpoint '{directory / tag}' is incomplete (missing "
-                         f"{', '.join(missing) or 'its name'}); it was not written by this version's checkpointing")
+    tag = latest_checkpoint(directory, world)
     checkpoint_engine = engine.checkpoint_engine
     checkpoint_engine.load = safe_torch_load
     try:
@@ -234,7 +253,12 @@ def check_resume_config(out: Path, config: dict, world: int) -> None:
     except (OSError, ValueError, yaml.YAMLError) as err:
         raise ValueError(f"--run.resume: cannot read config.yaml / ds_config.json of the run in '{out}' ({err})") \
             from None
-    saved_world = ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"])
+    try:
+        saved_world = ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"] *
+                                                 ds["gradient_accumulation_steps"])
+    except (KeyError, TypeError, ZeroDivisionError):
+        raise ValueError(f"--run.resume: '{out}/ds_config.json' lacks the batch sizes that ipt-ds writes there; it is "
+                         "not this run's file: restore it from a copy of the run") from None
     if saved_world != world:
         raise ValueError(f"--run.resume: '{out}' was trained on {saved_world} ranks, this run has {world}; resume with "
                          f"{saved_world} ranks (data order and optimizer partitions depend on it) or start a new run")

@@ -59,6 +59,7 @@ def check_run_dir(cfg: Config, world: int) -> Path:
         if not (out / "checkpoints" / "latest").exists():
             raise ValueError(f"--run.resume: no checkpoint in '{out}/checkpoints' to resume from")
         checkpoint.check_resume_config(out, cfg.to_dict(), world)
+        checkpoint.latest_checkpoint(out / "checkpoints", world)  # before any file of the run is rewritten
     elif exists and cfg.run.overwrite:
         if Path.cwd().resolve().is_relative_to(out.resolve()):
             raise ValueError(f"--run.overwrite: run.output_dir '{out}' contains the current directory; refusing "
@@ -183,6 +184,9 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     steps_per_epoch = len(rank_train_batches(lengths, micro_batch_size=cfg.train.micro_batch_size, rank=0,
                                              world_size=world, accumulation=accumulation, seed=0)) // accumulation
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    if total_steps < 1:  # nothing would train, and the run directory left behind would block the next run
+        raise ValueError(f"the training split has {len(features)} examples, fewer than one global batch (train."
+                         f"batch_size {cfg.train.batch_size}): lower train.batch_size or set train.max_steps")
     eval_every = cfg.train.eval_every or steps_per_epoch
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     counts = model.parameter_report()

@@ -61,6 +61,7 @@ class DeepPrompt(nn.Module):
         self.head_dim = backbone.head_dim
         width = self.num_layers * 2 * self.num_kv_heads * self.head_dim
         num_tokens = cfg.num_virtual_tokens
+        self.num_cached_prompts = num_tokens  # key/value prefixes only: nothing passes through the embeddings
         if cfg.projection:
             self.embedding = nn.Parameter(torch.randn(num_tokens, backbone.hidden_size) * 0.02)
             self.mlp = nn.Sequential(nn.Linear(backbone.hidden_size, cfg.projection_hidden), nn.Tanh(),

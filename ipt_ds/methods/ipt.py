@@ -190,6 +190,8 @@ class IPT(nn.Module):
         self.shape = (backbone.prefix_layers * 2, backbone.num_kv_heads, backbone.head_dim)
         width = instance_width(cfg, backbone)  # one instance vector per prompt position
         self.num_prefix_positions = 0 if self.prefix_path else num_tokens * (1 + (cfg.task_prompt and cfg.instance))
+        self.num_embedded_prompts = self.num_prefix_positions
+        self.num_cached_prompts = num_tokens if self.prefix_path else 0
         if self.prefix_path:
             self.task_prefix = nn.Parameter(torch.randn(num_tokens, backbone.prefix_layers * 2 * kv) * 0.02)
         elif cfg.task_prompt or not cfg.instance:

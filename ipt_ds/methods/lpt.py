@@ -76,6 +76,7 @@ class LPT(nn.Module):
         self.cfg, self.layer, self.family = cfg, layer, backbone.family
         num_tokens, hidden, width = cfg.num_tokens, backbone.hidden_size, cfg.bottleneck
         self.num_prefix_positions = num_tokens
+        self.num_embedded_prompts = 0  # the prompt enters above the embeddings: it takes no position ids
         if cfg.generator == "npg":
             self.down, self.up = nn.Linear(hidden, width), nn.Linear(width, num_tokens * hidden)
         elif cfg.generator in ("appg", "mppg"):

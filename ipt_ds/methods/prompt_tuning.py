@@ -45,7 +45,7 @@ class PromptTuning(nn.Module):
     def __init__(self, prompt: torch.Tensor):
         super().__init__()
         self.prompt = nn.Parameter(prompt)  # (P, H)
-        self.num_prefix_positions = prompt.shape[0]
+        self.num_prefix_positions = self.num_embedded_prompts = prompt.shape[0]
 
     def peft_adapter(self) -> tuple[dict, torch.Tensor]:
         return {"peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM"}, self.prompt

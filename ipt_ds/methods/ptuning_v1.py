@@ -40,7 +40,7 @@ class PTuningV1(nn.Module):
     def __init__(self, cfg: PTuningV1Config, hidden_size: int):
         super().__init__()
         self.placement = cfg.placement
-        self.num_prefix_positions = cfg.num_virtual_tokens
+        self.num_prefix_positions = self.num_embedded_prompts = cfg.num_virtual_tokens
         width = cfg.encoder_hidden or hidden_size
         self.embedding = nn.Embedding(cfg.num_virtual_tokens, hidden_size)
         if cfg.encoder == "lstm":
