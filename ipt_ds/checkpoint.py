@@ -90,7 +90,8 @@ def export_trainable(model: torch.nn.Module, out_dir: Path, meta: dict, *, rank:
         tmp.mkdir(parents=True)
         tensors = {name: p.detach().to("cpu", torch.float32).clone() for name, p in named.items()}
         save_file(tensors, tmp / EXPORT_WEIGHTS)
-        write_peft_adapter(model.method, model.backbone, model.backbone.model.name_or_path, tmp / "peft")
+        given = meta.get("config", {}).get("model", {}).get("name_or_path")  # as the user named it
+        write_peft_adapter(model.method, model.backbone, given or model.backbone.model.name_or_path, tmp / "peft")
     (tmp / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2))
     replace_dir(tmp, out_dir)
 

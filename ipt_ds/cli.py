@@ -2,13 +2,14 @@
 
   ipt-ds train CONFIG.yaml [--optim.lr=1e-3 ...]     train (under `deepspeed` for several ranks)
   ipt-ds evaluate RUN/best [--data.eval_split=val]   score an export on a split
-  ipt-ds predict RUN/best --input=F --output=F.jsonl predictions for a labelled or unlabelled file
+  ipt-ds predict RUN/best --input=F --output=F.jsonl  predictions for a labelled or unlabelled file
   ipt-ds predict-mixed --exports=a=DIR,b=DIR --input=F --output=F.jsonl   rows of several tasks, one backbone
   ipt-ds estimate CONFIG.yaml [--key=value ...]      trainable / total parameter counts before a run
   ipt-ds estimate-memory CONFIG.yaml [--world_size=N]  per-rank memory before a run (frozen-aware)
   ipt-ds show-config CONFIG.yaml [--key=value ...]   print the resolved configuration
   ipt-ds methods | tasks                             list what is registered
-  ipt-ds make-digits DIR | make-vit DIR              sklearn's digits as images; a random-weight ViT
+  ipt-ds make-digits DIR                             sklearn's digits as images
+  ipt-ds make-vit DIR                                a random-weight ViT
   ipt-ds pretrain CONFIG.yaml | build-corpus ...     commands of installed plugins (here `pretrain/`, docs/pretrain.md)
 
 Other packages add commands through the `ipt_ds.commands` entry-point group; ipt_ds never imports them itself.
@@ -59,7 +60,7 @@ def _user_errors(command):
     """Run a command; a user error prints one clear message and exits 2 (the traceback only with --run.debug).
     Any other failure logs `rank R failed at step S: ...` with its traceback and exits 1. A rank that joined a process
     group leaves at once either way, so that no teardown waits on peers (see failures.py)."""
-    @functools.wraps(command)  # fire reads the signature and the docstring (--help) through __wrapped__
+    @functools.wraps(command)  # fire's --help shows the command's docstring and arguments
     def wrapped(*args, **overrides):
         _setup(overrides)
         try:
@@ -78,6 +79,12 @@ def _user_errors(command):
             logging.getLogger("ipt_ds").exception(failure_message(err))
             _exit(1)
 
+    # Shown to fire with every argument optional: fire would answer a missing one itself, with a usage block instead of
+    # one `error:` line and exit status 2 (`_check_arguments` does that).
+    signature = inspect.signature(command)
+    wrapped.__signature__ = signature.replace(parameters=[
+        p.replace(default=None) if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD else p
+        for p in signature.parameters.values()])
     return wrapped
 
 
@@ -88,17 +95,16 @@ def _usage(name: str) -> str:
 
 
 def _check_arguments(command, args: tuple, overrides: dict) -> None:
-    """A missing argument is a user error naming it (fire would call the function and end in a TypeError)."""
-    try:
-        inspect.signature(command).bind(*args, **overrides)
-    except TypeError:
-        name = command.__name__.replace("_", "-")
-        params = [p for p in inspect.signature(command).parameters.values()
-                  if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
-        missing = [("--" if i else "") + (p.name if i else p.name.upper()) for i, p in enumerate(params)
-                   if i >= len(args) and p.name not in overrides]
-        raise ValueError(f"ipt-ds {name}: missing {', '.join(missing) or 'arguments'}; usage: {_usage(name)} "
-                         f"(`ipt-ds {name} --help` lists every option)") from None
+    """A required argument left out is a user error naming it (fire hands it over as None, see `_user_errors`)."""
+    params = [p for p in inspect.signature(command).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    given = {**dict(zip((p.name for p in params), args)), **overrides}
+    name = command.__name__.replace("_", "-")
+    usage = _usage(name)
+    missing = [f"--{p.name}" if i or f"--{p.name}=" in usage else p.name.upper() for i, p in enumerate(params)
+               if p.default is p.empty and given.get(p.name) is None]
+    if missing:
+        raise ValueError(f"ipt-ds {name}: missing {', '.join(missing)}; usage: {usage} "
+                         f"(`ipt-ds {name} --help` lists every option)")
 
 
 def _debug(overrides: dict) -> bool:
@@ -209,10 +215,22 @@ def estimate_memory(config: str | None = None, world_size: int = 1, batch_size: 
 
 @_user_errors
 def show_config(config: str | None = None, **overrides):
-    """Print the resolved configuration (defaults < YAML < flags)."""
-    from ipt_ds.config import load_config
+    """Print the resolved configuration (defaults < YAML < flags), with the run directory and the data root that a run
+    would use (empty settings filled in, made absolute)."""
+    from pathlib import Path
 
-    print(yaml.safe_dump(load_config(config, overrides).to_dict(), sort_keys=False), end="")
+    from ipt_ds.config import load_config
+    from ipt_ds.data.readers import default_data_root
+
+    cfg = load_config(config, overrides)
+    shown = cfg.to_dict()
+    shown["run"]["output_dir"] = str(cfg.output_path().absolute())
+    root = Path(cfg.data.root) if cfg.data.root else default_data_root()
+    if cfg.data.format != "hub" and root is not None:
+        shown["data"]["root"] = str(root.absolute())
+    print(yaml.safe_dump(shown, sort_keys=False), end="")
+    if shown["data"]["root"] == "":
+        print("# data.root: no local data root ($IPT_DS_DATA, ../shared/data): splits are read from the HF hub")
 
 
 @_user_errors
@@ -249,8 +267,13 @@ def methods():
 
     from ipt_ds.methods import METHODS
 
+    def default(field: dataclasses.Field) -> str:
+        if field.default is not dataclasses.MISSING:
+            return repr(field.default)
+        return "required" if field.default_factory is dataclasses.MISSING else repr(field.default_factory())
+
     for name, spec in sorted(METHODS.items()):
-        options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(spec.config_cls) if f.name != "name")
+        options = ", ".join(f"{f.name}={default(f)}" for f in dataclasses.fields(spec.config_cls) if f.name != "name")
         print(f"{name}: {options or '(no options)'}")
 
 
@@ -283,7 +306,7 @@ def main() -> None:
         fire.Fire({**_plugin_commands(), "train": train, "evaluate": evaluate, "predict": predict,
                    "estimate": estimate, "show-config": show_config, "methods": methods, "tasks": tasks,
                    "predict-mixed": predict_mixed, "estimate-memory": estimate_memory, "make-digits": make_digits,
-                   "make-vit": make_vit})
+                   "make-vit": make_vit}, name="ipt-ds")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
