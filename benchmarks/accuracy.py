@@ -8,8 +8,9 @@ whose results.json exists is skipped, so an interrupted study continues where it
 split selects the checkpoint (best evaluation); with a labelled test split (LM-BFF k-shot: dev selects, test reports)
 the test split is reported, otherwise the eval split is, as in the IPT and P-tuning v2 reference runs. The number to
 beat is the baseline of the reported split in the reported metric: the best score of one answer given to every example
-(the majority class for accuracy, always-positive for F1; 0 for the correlations of regression tasks). `--data-seeds` pairs each seed with an LM-BFF data seed
-(`data.lmbff_seed`: which k-shot sample trains), so that seeds vary the data as LM-BFF's protocol does.
+(the majority class for accuracy, always-positive for F1; 0 for the correlations of regression tasks).
+`--data-seeds` pairs each seed with an LM-BFF data seed (`data.lmbff_seed`: which k-shot sample trains), so that
+seeds vary the data as LM-BFF's protocol does.
 Writes results.json, results.md and results.png in the study folder.
 """
 

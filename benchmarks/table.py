@@ -4,8 +4,8 @@
 
 Reads benchmarks/results/<study>/results.json (written by `benchmarks.accuracy`), so the cells are the studies' own
 numbers: mean ± sd over their seeds on the split each study reports. The last column averages a row's means over the
-studies it has all of; the last row is each study's baseline (one constant answer, in the study's metric). Writes results.json, results.md and results.png
-under benchmarks/results/<name>/.
+studies it has all of; the last row is each study's baseline (one constant answer, in the study's metric). Writes
+results.json, results.md and results.png under benchmarks/results/<name>/.
 """
 
 from __future__ import annotations
