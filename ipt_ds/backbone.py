@@ -71,6 +71,27 @@ def resolve_model_path(cfg: ModelConfig) -> tuple[str, str]:
     return str(Path(spec.origin).parent / inner), gguf or cfg.gguf_file
 
 
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the HF hub answers a TCP connection within `timeout_s` (False under HF_HUB_OFFLINE). Behind a proxy
+    the direct probe says nothing, so it is taken as reachable."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(key) for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
 def _gguf_cache(path: str, gguf_file: str, dtype: torch.dtype) -> str:
     """Convert a GGUF checkpoint once into a safetensors directory (GGUF loading dequantizes for ~45 s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -510,12 +531,20 @@ def load_backbone(
     path, gguf_file = resolve_model_path(cfg)
     if gguf_file:
         path = _gguf_cache(path, gguf_file, torch.float32)
-    if os.sep in path and not Path(path).exists():
+    # A hub id is `name` or `org/name`; anything else with a separator is meant as a directory.
+    if (path.startswith(("/", ".", "~")) or path.count(os.sep) > 1) and not Path(path).exists():
         raise ValueError(f"model.name_or_path: directory '{path}' does not exist; give a local HF model dir or hub id")
     common = {"trust_remote_code": cfg.trust_remote_code}
+    offline = not Path(path).exists() and not hub_reachable()
+    if offline:  # the local cache only: asking the hub would be retried for half a minute before failing
+        common["local_files_only"] = True
     try:
         hf_config = AutoConfig.from_pretrained(path, **common)
     except (OSError, ValueError) as err:
+        if offline:
+            raise ValueError(f"model.name_or_path '{cfg.name_or_path}': not a local directory, not in the local HF "
+                             "cache, and the hub cannot be reached (offline, or HF_HUB_OFFLINE set); download it "
+                             "where there is network, or give a local model directory") from None
         raise ValueError(f"model.name_or_path '{cfg.name_or_path}': cannot load a config from {path} ({err})") from None
     family = family_of(hf_config.model_type, is_encoder_decoder=getattr(hf_config, "is_encoder_decoder", False))
     if family == "seq2seq":
