@@ -61,8 +61,9 @@ def shm_buffer(rank: int) -> Path:
                             f"{os.environ.get('MASTER_PORT')}_{rank}")
 
 
-def resolve_ds_config(cfg: Config, *, world_size: int) -> dict:
-    """Read the DeepSpeed JSON and fill in what the YAML owns; a key set in both places is an error."""
+def resolve_ds_config(cfg: Config, *, world_size: int, check_offload: bool = True) -> dict:
+    """Read the DeepSpeed JSON and fill in what the YAML owns; a key set in both places is an error. `check_offload`:
+    also check that NVMe offload can run here (off for estimates made for another machine)."""
     path = Path(cfg.deepspeed.config)
     if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
         path = REPO_ROOT / path
@@ -76,7 +77,8 @@ def resolve_ds_config(cfg: Config, *, world_size: int) -> dict:
     if not isinstance(ds, dict):
         raise ValueError(f"{path}: a DeepSpeed config is a JSON object ({{\"zero_optimization\": ...}}), this file "
                          f"holds a {type(ds).__name__}; see ds_configs/ for the shipped ones")
-    _check_offload_paths(ds, path)
+    if check_offload:
+        _check_nvme_offload(ds, path)
     clashes = [f"'{key}' (set it with {owner} in the YAML)" for key, owner in YAML_OWNED.items() if key in ds]
     if clashes:
         raise ValueError(f"{path}: the DeepSpeed config sets keys that the experiment YAML owns: {', '.join(clashes)}; "
@@ -92,10 +94,11 @@ def resolve_ds_config(cfg: Config, *, world_size: int) -> dict:
     return ds
 
 
-def _check_offload_paths(ds: dict, path: Path) -> None:
-    """ZeRO's NVMe offload writes under `nvme_path`, creating it; DeepSpeed finds that it cannot only after the model
-    is built and partitioned, minutes into the run. Checked here, up front: the path is a directory, or can be made in
-    its nearest existing parent."""
+def _check_nvme_offload(ds: dict, path: Path) -> None:
+    """ZeRO's NVMe offload needs DeepSpeed's async_io op (libaio) and writes under `nvme_path`, creating it; DeepSpeed
+    finds that either is missing only after the model is built and partitioned, minutes into the run. Checked here,
+    up front: the op is installed or can be built, and the path is a directory or can be made in its nearest existing
+    parent."""
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise ValueError(f"{path}: 'zero_optimization' must be a JSON object, got {type(zero).__name__}")
@@ -113,6 +116,20 @@ def _check_offload_paths(ds: dict, path: Path) -> None:
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise ValueError(f"{path}: zero_optimization.{key}.nvme_path '{target}' cannot be written ('{existing}' "
                              "is not a writable directory); point nvme_path at a directory on a local NVMe disk")
+        if not _async_io_available():
+            raise ValueError(f"{path}: zero_optimization.{key} offloads to nvme, which needs DeepSpeed's async_io op; "
+                             "it is not installed and cannot be built here (libaio missing: install libaio-dev, or "
+                             "offload to \"cpu\" instead)")
+
+
+def _async_io_available() -> bool:
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get("async_io"):
+        return True
+    builder = get_accelerator().create_op_builder("AsyncIOBuilder")
+    return builder is not None and builder.is_compatible(verbose=False)
 
 
 def fit_zero3_buckets(ds: dict, hidden_size: int) -> None:

@@ -209,7 +209,6 @@ def load_hub_split(task: Task, split: str) -> list[Example]:
     if task.name not in _HUB:
         raise ValueError(f"task {task.name} has no hub source here (only {', '.join(sorted(_HUB))}); use local files")
     import datasets  # only the online path needs it
-
     from huggingface_hub import constants
 
     from ipt_ds.backbone import hub_reachable
