@@ -294,6 +294,13 @@ def _plugin_commands() -> dict:
     return {entry.name: _user_errors(entry.load()) for entry in entry_points(group="ipt_ds.commands")}
 
 
+def commands() -> dict:
+    """Every command by the name users type: the built-in ones and those of installed plugins."""
+    return {**_plugin_commands(), "train": train, "evaluate": evaluate, "predict": predict, "estimate": estimate,
+            "show-config": show_config, "methods": methods, "tasks": tasks, "predict-mixed": predict_mixed,
+            "estimate-memory": estimate_memory, "make-digits": make_digits, "make-vit": make_vit}
+
+
 def main() -> None:
     import fire
 
@@ -303,10 +310,7 @@ def main() -> None:
         # Every command takes **overrides, which would swallow --help as a setting; fire shows help after `--`.
         sys.argv = [a for a in sys.argv if a not in ("-h", "--help")] + ["--", "--help"]
     try:
-        fire.Fire({**_plugin_commands(), "train": train, "evaluate": evaluate, "predict": predict,
-                   "estimate": estimate, "show-config": show_config, "methods": methods, "tasks": tasks,
-                   "predict-mixed": predict_mixed, "estimate-memory": estimate_memory, "make-digits": make_digits,
-                   "make-vit": make_vit}, name="ipt-ds")
+        fire.Fire(commands(), name="ipt-ds")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

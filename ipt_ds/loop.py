@@ -184,9 +184,6 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     steps_per_epoch = len(rank_train_batches(lengths, micro_batch_size=cfg.train.micro_batch_size, rank=0,
                                              world_size=world, accumulation=accumulation, seed=0)) // accumulation
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
-    if total_steps < 1:  # nothing would train, and the run directory left behind would block the next run
-        raise ValueError(f"the training split has {len(features)} examples, fewer than one global batch (train."
-                         f"batch_size {cfg.train.batch_size}): lower train.batch_size or set train.max_steps")
     eval_every = cfg.train.eval_every or steps_per_epoch
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     counts = model.parameter_report()
