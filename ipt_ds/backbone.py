@@ -49,7 +49,8 @@ class ModelConfig:
     gguf_file: str = ""
     """GGUF file inside `name_or_path` to load (converted once to a safetensors cache under ~/.cache/ipt_ds)."""
     trust_remote_code: bool = False
-    """Run model code from the hub repository. Off: only architectures built into transformers load."""
+    """Run model code from the hub repository. Off: only architectures built into transformers load. Only the flag
+    --model.trust_remote_code=true turns it on: a YAML or an export's config.json that sets it is refused."""
     dropout: bool = False
     """Keep the backbone's dropout active in training. Off for frozen backbones; full fine-tuning turns it on."""
     gradient_checkpointing: bool = False

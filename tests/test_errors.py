@@ -50,9 +50,12 @@ def tiny_cfg(tmp_path: Path, model_dir: Path, **sections) -> dict:
 
 
 def fake_run(out: Path, sections: dict, *, world: int) -> None:
-    """A run directory as `ipt-ds train` leaves it, without training: its config, DeepSpeed config and `latest`."""
+    """A run directory as `ipt-ds train` leaves it, without training: its config, DeepSpeed config, `latest` and the
+    checkpoint it names (only the ranks' random-state files, which are written last)."""
     (out / "checkpoints" / "step2").mkdir(parents=True)
     (out / "checkpoints" / "latest").write_text("step2")
+    for rank in range(world):
+        (out / "checkpoints" / "step2" / f"rng_rank{rank}.safetensors").write_text("")
     cfg = config_from_dict(json.loads(json.dumps(sections)), {"run.output_dir": str(out)}, source="test")
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     per_rank = cfg.train.micro_batch_size
@@ -260,7 +263,7 @@ def test_help_works_for_every_command():
     for name, process in started.items():
         stdout, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, (name, stderr[-2000:])
-        assert f"ipt-ds {name}" in stdout and "Traceback" not in stderr, (name, stdout[-1000:], stderr[-1000:])
+        assert f"NAME\n    ipt-ds {name}" in stdout + stderr and "Traceback" not in stderr, (name, stdout, stderr)
 
 
 def test_run_debug_shows_the_traceback(cli_errors):
@@ -337,7 +340,7 @@ def test_tsv_row_with_missing_cells_names_file_line_and_fields(tmp_path):
 def test_unknown_task_is_a_config_error_with_file_and_line(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("run:\n  seed: 1\ndata:\n  task: glue-rte\n")
-    with pytest.raises(ConfigError, match=rf"{path}:3: data.task: unknown task 'glue-rte'; known tasks: .*rte"):
+    with pytest.raises(ConfigError, match=rf"{path}:4: data.task: unknown task 'glue-rte'; known tasks: .*rte"):
         load_config(path)
 
 
@@ -381,7 +384,7 @@ def test_the_position_limit_counts_what_each_method_uses_and_robertas_offset(tmp
     from ipt_ds.model import build_model
 
     def build(max_length: int):
-        sections = tiny_cfg(tmp_path, roberta_positions, method=method, data={"max_length": max_length})
+        sections = {**tiny_cfg(tmp_path, roberta_positions, data={"max_length": max_length}), "method": method}
         return build_model(config_from_dict(sections, source="test"), get_task("rte"), dtype=torch.float32,
                            ds_config=None)
 
@@ -521,7 +524,8 @@ def test_resume_needs_a_checkpoint_and_a_complete_one(tmp_path):
     (out / "checkpoints" / "step4").mkdir(parents=True)
     (out / "checkpoints" / "latest").write_text("step4")
     (out / "checkpoints" / "step4" / "rng_rank0.safetensors").write_text("")
-    with pytest.raises(ValueError, match=r"step4' is incomplete \(missing rng_rank1.safetensors\)"):
+    with pytest.raises(ValueError, match=r"step4' is incomplete \(missing rng_rank1.safetensors; every rank writes "
+                                         r"its own\); resume from a copy of the run"):
         checkpoint.load_resume_state(None, out / "checkpoints", rank=0, world=2)
 
 
