@@ -100,6 +100,9 @@ def _check_arguments(command, args: tuple, overrides: dict) -> None:
     given = {**dict(zip((p.name for p in params), args)), **overrides}
     name = command.__name__.replace("_", "-")
     usage = _usage(name)
+    if len(args) > len(params):
+        raise ValueError(f"ipt-ds {name}: unexpected argument {args[len(params)]!r} (settings are "
+                         f"--section.key=value); usage: {usage}")
     missing = [f"--{p.name}" if i or f"--{p.name}=" in usage else p.name.upper() for i, p in enumerate(params)
                if p.default is p.empty and given.get(p.name) is None]
     if missing:
@@ -309,8 +312,13 @@ def main() -> None:
     if "--" not in sys.argv and any(a in ("-h", "--help") for a in sys.argv[2:]):
         # Every command takes **overrides, which would swallow --help as a setting; fire shows help after `--`.
         sys.argv = [a for a in sys.argv if a not in ("-h", "--help")] + ["--", "--help"]
+    known = commands()
+    if len(sys.argv) > 1 and not sys.argv[1].startswith("-") and sys.argv[1] not in known:
+        print(f"error: unknown command '{sys.argv[1]}'; commands: {', '.join(known)} (`ipt-ds --help`)",
+              file=sys.stderr)
+        sys.exit(2)
     try:
-        fire.Fire(commands(), name="ipt-ds")
+        fire.Fire(known, name="ipt-ds")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

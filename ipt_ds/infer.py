@@ -37,8 +37,12 @@ def load_for_inference(export_dir: str, overrides: dict):
     if cfg.data.format in ("imagefolder", "npz"):
         raise ValueError(f"'{export_dir}' is an image classification export; evaluate and predict take text exports "
                          "(the run's results.json holds its eval and test scores)")
+    saved_ds = meta.get("ds_config")
+    if not isinstance(saved_ds, dict) or "train_micro_batch_size_per_gpu" not in saved_ds:
+        raise ValueError(f"{export_dir}/{checkpoint.EXPORT_CONFIG}: no DeepSpeed settings ('ds_config'); evaluate and "
+                         "predict take the <run>/best export of an `ipt-ds train` run")
     rank, world = init_distributed(cfg.run.collective_timeout_s)
-    ds_config = {k: v for k, v in meta["ds_config"].items() if k not in ("gradient_accumulation_steps",)}
+    ds_config = {k: v for k, v in saved_ds.items() if k not in ("gradient_accumulation_steps",)}
     ds_config["train_batch_size"] = ds_config["train_micro_batch_size_per_gpu"] * world
     if ds_config.get("zero_optimization", {}).get("stage", 0) < 3:
         ds_config["zero_optimization"] = {"stage": 0}  # stages 1-2 only shard optimizer state, and need an optimizer

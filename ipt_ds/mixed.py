@@ -94,8 +94,8 @@ def predict_mixed(exports: dict[str, str], input_path: str, output_path: str, *,
     """`overrides`: `--section.key=value` flags for every export's config (the command line takes only
     model.trust_remote_code, which no export can switch on by itself)."""
     out, path = checkpoint.new_output_file(output_path), Path(input_path)
+    rows = read_rows(path, set(exports))  # before any model is loaded
     routes = load_routes(exports, overrides)
-    rows = read_rows(path, set(routes))
     results: dict[int, dict] = {}
     for name, route in routes.items():
         mine = [(lineno, examples_from_record(route.task, record, guid=f"line{lineno}", where=f"{path}:{lineno}",

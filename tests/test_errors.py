@@ -153,6 +153,7 @@ CLI_CASES = {
                                                 prepare=resume_with_latest("step9\n")),
     "train without a config": Case("ipt-ds train: missing CONFIG; usage: ipt-ds train CONFIG.yaml",
                                    command=lambda p: ["train"]),
+    "unknown command": Case("unknown command 'trian'; commands:", command=lambda p: ["trian", str(p.cfg)]),
     "negative max_steps": Case("--train.max_steps: train.max_steps must be >= 0, got -5",
                                flags=("--train.max_steps=-5",)),
     "a flag's value is reported at the flag": Case("--optim.lr: optim.lr must be > 0", flags=("--optim.lr=-1",)),
