@@ -268,15 +268,12 @@ def methods():
     """List registered methods with their options."""
     import dataclasses
 
+    from ipt_ds.confload import default_text
     from ipt_ds.methods import METHODS
 
-    def default(field: dataclasses.Field) -> str:
-        if field.default is not dataclasses.MISSING:
-            return repr(field.default)
-        return "required" if field.default_factory is dataclasses.MISSING else repr(field.default_factory())
-
     for name, spec in sorted(METHODS.items()):
-        options = ", ".join(f"{f.name}={default(f)}" for f in dataclasses.fields(spec.config_cls) if f.name != "name")
+        options = ", ".join(f"{f.name}={default_text(f)}" for f in dataclasses.fields(spec.config_cls)
+                            if f.name != "name")
         print(f"{name}: {options or '(no options)'}")
 
 

@@ -210,6 +210,13 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def default_text(f: dataclasses.Field) -> str:
+    """A field's default as written in a config (its factory's value for lists and mappings), or `required`."""
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    return "required" if f.default_factory is dataclasses.MISSING else repr(f.default_factory())
+
+
 def reference_markdown(sections: dict[str, type]) -> str:
     """A markdown table per section: key, type, default, meaning."""
     out = []
@@ -217,8 +224,6 @@ def reference_markdown(sections: dict[str, type]) -> str:
         out += [f"## `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         docs, hints = field_docs(cls), typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-            out.append(f"| `{f.name}` | {_type_name(hints[f.name])} | `{default!r}` | {docs.get(f.name, '')} |")
+            out.append(f"| `{f.name}` | {_type_name(hints[f.name])} | `{default_text(f)}` | {docs.get(f.name, '')} |")
         out.append("")
     return "\n".join(out)
