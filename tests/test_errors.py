@@ -120,6 +120,13 @@ def remote_code_export(p: CasePaths) -> None:
     (p.export / "config.json").write_text(json.dumps(meta))
 
 
+def mixed_input(p: CasePaths) -> None:
+    """The remote-code export, and an input whose rows name it."""
+    remote_code_export(p)
+    rows = [{**json.loads(line), "export": "rte"} for line in Path(val(p)).read_text().splitlines()]
+    (p.dir / "mixed.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 def write_ds(p: CasePaths, ds) -> None:
     (p.dir / "ds.json").write_text(json.dumps(ds))
     p.rewrite(deepspeed={"config": str(p.dir / "ds.json")})
@@ -189,8 +196,8 @@ CLI_CASES = {
         "config.json: model.trust_remote_code is set to true in the file", prepare=remote_code_export,
         command=lambda p: ["predict", str(p.export), f"--input={val(p)}", f"--output={p.dir / 'p.jsonl'}"]),
     "remote code switched on by an export (predict-mixed)": Case(
-        "config.json: model.trust_remote_code is set to true in the file", prepare=remote_code_export,
-        command=lambda p: ["predict-mixed", f"--exports=rte={p.export}", f"--input={val(p)}",
+        "config.json: model.trust_remote_code is set to true in the file", prepare=mixed_input,
+        command=lambda p: ["predict-mixed", f"--exports=rte={p.export}", f"--input={p.dir / 'mixed.jsonl'}",
                            f"--output={p.dir / 'p.jsonl'}"]),
 }
 
