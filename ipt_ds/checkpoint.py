@@ -59,6 +59,15 @@ def new_output_file(output: str | None, flag: str = "--output") -> Path:
     return out
 
 
+def unwritable_parent(path: Path) -> Path | None:
+    """Where making `path` (a directory, with its parents) would fail: its nearest existing ancestor when that is not
+    a writable directory; None when it can be made (or is a writable directory already)."""
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    return None if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK) else existing
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished directory into place; the old one is removed only after the new one is complete. Between
     the two renames `final` is briefly absent; `recover_dir` puts the old one back if a kill lands there."""

@@ -110,11 +110,11 @@ def _check_nvme_offload(ds: dict, path: Path) -> None:
         if not target:
             raise ValueError(f"{path}: zero_optimization.{key} offloads to nvme but sets no nvme_path; give a "
                              "directory on a local NVMe disk")
-        existing = Path(target).absolute()
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise ValueError(f"{path}: zero_optimization.{key}.nvme_path '{target}' cannot be written ('{existing}' "
+        from ipt_ds.checkpoint import unwritable_parent
+
+        blocked = unwritable_parent(Path(target))
+        if blocked is not None:
+            raise ValueError(f"{path}: zero_optimization.{key}.nvme_path '{target}' cannot be written ('{blocked}' "
                              "is not a writable directory); point nvme_path at a directory on a local NVMe disk")
         if not _async_io_available():
             raise ValueError(f"{path}: zero_optimization.{key} offloads to nvme, which needs DeepSpeed's async_io op; "

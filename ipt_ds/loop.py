@@ -51,6 +51,10 @@ def check_run_dir(cfg: Config, world: int) -> Path:
     out = cfg.output_path()
     if out.exists() and not out.is_dir():
         raise ValueError(f"run.output_dir '{out}' is a file; choose a directory")
+    blocked = checkpoint.unwritable_parent(out)  # found here, not after the model and the engine are built
+    if blocked is not None:
+        raise ValueError(f"run.output_dir '{out}' cannot be written ('{blocked}' is not a writable directory); choose "
+                         "another --run.output_dir")
     exists = out.exists() and any(out.iterdir())
     if exists and not (cfg.run.resume or cfg.run.overwrite):
         raise ValueError(f"run.output_dir '{out}' already holds a run; pass --run.resume=true to continue it, "

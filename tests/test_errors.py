@@ -161,6 +161,8 @@ CLI_CASES = {
     "train without a config": Case("ipt-ds train: missing CONFIG; usage: ipt-ds train CONFIG.yaml",
                                    command=lambda p: ["train"]),
     "unknown command": Case("unknown command 'trian'; commands:", command=lambda p: ["trian", str(p.cfg)]),
+    "run directory under a file": Case("cfg.yaml/run' cannot be written ('", command=lambda p: [
+        "train", str(p.cfg), f"--run.output_dir={p.cfg / 'run'}"]),
     "negative max_steps": Case("--train.max_steps: train.max_steps must be >= 0, got -5",
                                flags=("--train.max_steps=-5",)),
     "a flag's value is reported at the flag": Case("--optim.lr: optim.lr must be > 0", flags=("--optim.lr=-1",)),
