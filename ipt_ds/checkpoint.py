@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ipt_ds import failures
@@ -43,6 +44,28 @@ def atomic_write_text(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     tmp.replace(path)
+
+
+def new_output_file(output: str | None, flag: str = "--output") -> Path:
+    """Check, before any work, that a result file can be written at `output`: given, new, in an existing directory."""
+    if not output or output is True:  # fire turns a bare `--output` into True
+        raise ValueError(f"{flag}: give the file to write, e.g. {flag}=predictions.jsonl")
+    out = Path(output)
+    if out.exists():
+        raise ValueError(f"{flag} '{out}' exists; choose another path (predictions never overwrite a file)")
+    if not out.absolute().parent.is_dir():
+        raise ValueError(f"{flag} '{out}': the directory '{out.parent}' does not exist; create it or choose another "
+                         "path")
+    return out
+
+
+def unwritable_parent(path: Path) -> Path | None:
+    """Where making `path` (a directory, with its parents) would fail: its nearest existing ancestor when that is not
+    a writable directory; None when it can be made (or is a writable directory already)."""
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    return None if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK) else existing
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -76,7 +99,8 @@ def export_trainable(model: torch.nn.Module, out_dir: Path, meta: dict, *, rank:
         tmp.mkdir(parents=True)
         tensors = {name: p.detach().to("cpu", torch.float32).clone() for name, p in named.items()}
         save_file(tensors, tmp / EXPORT_WEIGHTS)
-        write_peft_adapter(model.method, model.backbone, model.backbone.model.name_or_path, tmp / "peft")
+        given = meta.get("config", {}).get("model", {}).get("name_or_path")  # as the user named it
+        write_peft_adapter(model.method, model.backbone, given or model.backbone.model.name_or_path, tmp / "peft")
     (tmp / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2))
     replace_dir(tmp, out_dir)
 
@@ -86,8 +110,25 @@ def read_export(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     recover_dir(path)
     if not (path / EXPORT_CONFIG).is_file() or not (path / EXPORT_WEIGHTS).is_file():
         raise ValueError(f"{path}: not an export directory (expected {EXPORT_CONFIG} and {EXPORT_WEIGHTS}); "
-                         "exports are written to <run>/best and <run>/final")
-    return json.loads((path / EXPORT_CONFIG).read_text()), load_file(path / EXPORT_WEIGHTS)
+                         "a run writes its export to <run>/best")
+    try:
+        meta = json.loads((path / EXPORT_CONFIG).read_text())
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path / EXPORT_CONFIG}: not a readable export config ({err}); the export is damaged: "
+                         "copy it again from its run") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{path / EXPORT_CONFIG}: not an ipt-ds export config (no 'config' mapping); give the "
+                         "<run>/best directory of an ipt-ds run")
+    return meta, read_safetensors(path / EXPORT_WEIGHTS)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """`load_file` with a user error for a damaged file (cut short by a copy, or not safetensors at all)."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); it is truncated or damaged: copy it "
+                         "again") from None
 
 
 def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], *, source: str) -> None:
@@ -114,7 +155,7 @@ def save_rng(path: Path, rank: int) -> None:
 
 
 def load_rng(path: Path, rank: int) -> None:
-    states = load_file(path / f"rng_rank{rank}.safetensors")
+    states = read_safetensors(path / f"rng_rank{rank}.safetensors")
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
@@ -160,17 +201,36 @@ def safe_torch_load(path, map_location=None):
                              f"({str(err).strip().splitlines()[-1][:200]}); resume does not unpickle them") from None
 
 
+def latest_checkpoint(directory: Path, world: int) -> str:
+    """The checkpoint tag that `latest` names, checked before anything is loaded or written: `latest` holds a name,
+    and that checkpoint holds every rank's random state (saved last, so its files are complete)."""
+    latest = directory / "latest"
+    fix = ("resume from a copy of the run, or start it again with --run.overwrite=true (this deletes the run "
+           "directory)")
+    try:
+        tag = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--run.resume: cannot read '{latest}' ({err}); {fix}") from None
+    if not tag or "/" in tag or tag in (".", ".."):
+        raise ValueError(f"--run.resume: '{latest}' should hold the name of a checkpoint directory, it holds "
+                         f"{tag[:40]!r}; {fix}")
+    if not (directory / tag).is_dir():
+        raise ValueError(f"--run.resume: '{latest}' names checkpoint '{tag}', but '{directory / tag}' does not exist; "
+                         f"{fix}")
+    missing = [f"rng_rank{r}.safetensors" for r in range(world) if not (directory / tag / f"rng_rank{r}.safetensors")
+               .is_file()]
+    if missing:
+        raise ValueError(f"--run.resume: checkpoint '{directory / tag}' is incomplete (missing {', '.join(missing)}; "
+                         f"every rank writes its own); {fix}")
+    return tag
+
+
 def load_resume_state(engine, directory: Path, *, rank: int, world: int) -> dict:
     """Load the checkpoint `latest` names into `engine` and this rank's random state; return the client state.
 
     DeepSpeed's files are read with `torch.load(weights_only=True)`: tensors and DeepSpeed's plain records only.
     Leftovers of a save that was cut short (directories `latest` does not name) are removed afterwards."""
-    tag = (directory / "latest").read_text().strip()
-    missing = [f"rng_rank{r}.safetensors" for r in range(world) if not (directory / tag / f"rng_rank{r}.safetensors")
-               .is_file()]
-    if not tag or missing:
-        raise ValueError(f"--run.resume: checkpoint '{directory / tag}' is incomplete (missing "
-                         f"{', '.join(missing) or 'its name'}); it was not written by this version's checkpointing")
+    tag = latest_checkpoint(directory, world)
     checkpoint_engine = engine.checkpoint_engine
     checkpoint_engine.load = safe_torch_load
     try:
@@ -203,7 +263,12 @@ def check_resume_config(out: Path, config: dict, world: int) -> None:
     except (OSError, ValueError, yaml.YAMLError) as err:
         raise ValueError(f"--run.resume: cannot read config.yaml / ds_config.json of the run in '{out}' ({err})") \
             from None
-    saved_world = ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"])
+    try:
+        saved_world = ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"] *
+                                                 ds["gradient_accumulation_steps"])
+    except (KeyError, TypeError, ZeroDivisionError):
+        raise ValueError(f"--run.resume: '{out}/ds_config.json' lacks the batch sizes that ipt-ds writes there; it is "
+                         "not this run's file: restore it from a copy of the run") from None
     if saved_world != world:
         raise ValueError(f"--run.resume: '{out}' was trained on {saved_world} ranks, this run has {world}; resume with "
                          f"{saved_world} ranks (data order and optimizer partitions depend on it) or start a new run")

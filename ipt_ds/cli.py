@@ -2,13 +2,14 @@
 
   ipt-ds train CONFIG.yaml [--optim.lr=1e-3 ...]     train (under `deepspeed` for several ranks)
   ipt-ds evaluate RUN/best [--data.eval_split=val]   score an export on a split
-  ipt-ds predict RUN/best --input=F --output=F.jsonl predictions for a labelled or unlabelled file
+  ipt-ds predict RUN/best --input=F --output=F.jsonl  predictions for a labelled or unlabelled file
   ipt-ds predict-mixed --exports=a=DIR,b=DIR --input=F --output=F.jsonl   rows of several tasks, one backbone
   ipt-ds estimate CONFIG.yaml [--key=value ...]      trainable / total parameter counts before a run
-  ipt-ds estimate-memory CONFIG.yaml [--world_size=N] per-rank memory before a run (frozen-aware)
+  ipt-ds estimate-memory CONFIG.yaml [--world_size=N]  per-rank memory before a run (frozen-aware)
   ipt-ds show-config CONFIG.yaml [--key=value ...]   print the resolved configuration
   ipt-ds methods | tasks                             list what is registered
-  ipt-ds make-digits DIR | make-vit DIR              sklearn's digits as images; a random-weight ViT
+  ipt-ds make-digits DIR                             sklearn's digits as images
+  ipt-ds make-vit DIR                                a random-weight ViT
   ipt-ds pretrain CONFIG.yaml | build-corpus ...     commands of installed plugins (here `pretrain/`, docs/pretrain.md)
 
 Other packages add commands through the `ipt_ds.commands` entry-point group; ipt_ds never imports them itself.
@@ -16,6 +17,8 @@ Other packages add commands through the `ipt_ds.commands` entry-point group; ipt
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 import sys
@@ -57,9 +60,11 @@ def _user_errors(command):
     """Run a command; a user error prints one clear message and exits 2 (the traceback only with --run.debug).
     Any other failure logs `rank R failed at step S: ...` with its traceback and exits 1. A rank that joined a process
     group leaves at once either way, so that no teardown waits on peers (see failures.py)."""
+    @functools.wraps(command)  # fire's --help shows the command's docstring and arguments
     def wrapped(*args, **overrides):
         _setup(overrides)
         try:
+            _check_arguments(command, args, overrides)
             result = command(*args, **overrides)
             _shutdown_distributed()
             return result
@@ -74,8 +79,35 @@ def _user_errors(command):
             logging.getLogger("ipt_ds").exception(failure_message(err))
             _exit(1)
 
-    wrapped.__doc__ = command.__doc__
+    # Shown to fire with every argument optional: fire would answer a missing one itself, with a usage block instead of
+    # one `error:` line and exit status 2 (`_check_arguments` does that).
+    signature = inspect.signature(command)
+    wrapped.__signature__ = signature.replace(parameters=[
+        p.replace(default=None) if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD else p
+        for p in signature.parameters.values()])
     return wrapped
+
+
+def _usage(name: str) -> str:
+    """The command's line of this module's docstring, e.g. `ipt-ds train CONFIG.yaml [--optim.lr=1e-3 ...]`."""
+    lines = [line.strip() for line in (__doc__ or "").splitlines() if line.strip().startswith(f"ipt-ds {name} ")]
+    return lines[0].split("  ")[0] if lines else f"ipt-ds {name} ..."
+
+
+def _check_arguments(command, args: tuple, overrides: dict) -> None:
+    """A required argument left out is a user error naming it (fire hands it over as None, see `_user_errors`)."""
+    params = [p for p in inspect.signature(command).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    given = {**dict(zip((p.name for p in params), args)), **overrides}
+    name = command.__name__.replace("_", "-")
+    usage = _usage(name)
+    if len(args) > len(params):
+        raise ValueError(f"ipt-ds {name}: unexpected argument {args[len(params)]!r} (settings are "
+                         f"--section.key=value); usage: {usage}")
+    missing = [f"--{p.name}" if i or f"--{p.name}=" in usage else p.name.upper() for i, p in enumerate(params)
+               if p.default is p.empty and given.get(p.name) is None]
+    if missing:
+        raise ValueError(f"ipt-ds {name}: missing {', '.join(missing)}; usage: {usage} "
+                         f"(`ipt-ds {name} --help` lists every option)")
 
 
 def _debug(overrides: dict) -> bool:
@@ -124,11 +156,17 @@ def predict(export: str, input: str, output: str, **overrides):  # noqa: A002 - 
 
 
 @_user_errors
-def predict_mixed(exports: str, input: str, output: str, batch_size: int = 32):  # noqa: A002
-    """Predict a jsonl file mixing tasks; each row's `export` field names one of --exports=name=DIR,..."""
+def predict_mixed(exports: str, input: str, output: str, batch_size: int = 32, **overrides):  # noqa: A002
+    """Predict a jsonl file mixing tasks; each row's `export` field names one of --exports=name=DIR,...
+    --model.trust_remote_code=true lets the exports' backbones run their own code (no export can ask for it)."""
     from ipt_ds import mixed
 
-    mixed.predict_mixed(mixed.parse_exports(exports), input, output, batch_size=batch_size)
+    unknown = sorted(set(overrides) - {"model.trust_remote_code", "run.debug"})
+    if unknown:
+        raise ValueError(f"predict-mixed: unknown flags {', '.join('--' + k for k in unknown)}; it takes --exports, "
+                         "--input, --output, --batch_size, --model.trust_remote_code and --run.debug")
+    remote = {k: v for k, v in overrides.items() if k == "model.trust_remote_code"}
+    mixed.predict_mixed(mixed.parse_exports(exports), input, output, batch_size=batch_size, overrides=remote)
 
 
 @_user_errors
@@ -180,10 +218,22 @@ def estimate_memory(config: str | None = None, world_size: int = 1, batch_size: 
 
 @_user_errors
 def show_config(config: str | None = None, **overrides):
-    """Print the resolved configuration (defaults < YAML < flags)."""
-    from ipt_ds.config import load_config
+    """Print the resolved configuration (defaults < YAML < flags), with the run directory and the data root that a run
+    would use (empty settings filled in, made absolute)."""
+    from pathlib import Path
 
-    print(yaml.safe_dump(load_config(config, overrides).to_dict(), sort_keys=False), end="")
+    from ipt_ds.config import load_config
+    from ipt_ds.data.readers import default_data_root
+
+    cfg = load_config(config, overrides)
+    shown = cfg.to_dict()
+    shown["run"]["output_dir"] = str(cfg.output_path().absolute())
+    root = Path(cfg.data.root) if cfg.data.root else default_data_root()
+    if cfg.data.format != "hub" and root is not None:
+        shown["data"]["root"] = str(root.absolute())
+    print(yaml.safe_dump(shown, sort_keys=False), end="")
+    if shown["data"]["root"] == "":
+        print("# data.root: no local data root ($IPT_DS_DATA, ../shared/data): splits are read from the HF hub")
 
 
 @_user_errors
@@ -218,10 +268,12 @@ def methods():
     """List registered methods with their options."""
     import dataclasses
 
+    from ipt_ds.confload import default_text
     from ipt_ds.methods import METHODS
 
     for name, spec in sorted(METHODS.items()):
-        options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(spec.config_cls) if f.name != "name")
+        options = ", ".join(f"{f.name}={default_text(f)}" for f in dataclasses.fields(spec.config_cls)
+                            if f.name != "name")
         print(f"{name}: {options or '(no options)'}")
 
 
@@ -242,16 +294,28 @@ def _plugin_commands() -> dict:
     return {entry.name: _user_errors(entry.load()) for entry in entry_points(group="ipt_ds.commands")}
 
 
+def commands() -> dict:
+    """Every command by the name users type: the built-in ones and those of installed plugins."""
+    return {**_plugin_commands(), "train": train, "evaluate": evaluate, "predict": predict, "estimate": estimate,
+            "show-config": show_config, "methods": methods, "tasks": tasks, "predict-mixed": predict_mixed,
+            "estimate-memory": estimate_memory, "make-digits": make_digits, "make-vit": make_vit}
+
+
 def main() -> None:
     import fire
 
     # The deepspeed launcher puts --local_rank=N before the command; LOCAL_RANK in the environment carries it too.
     sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
+    if "--" not in sys.argv and any(a in ("-h", "--help") for a in sys.argv[2:]):
+        # Every command takes **overrides, which would swallow --help as a setting; fire shows help after `--`.
+        sys.argv = [a for a in sys.argv if a not in ("-h", "--help")] + ["--", "--help"]
+    known = commands()
+    if len(sys.argv) > 1 and not sys.argv[1].startswith("-") and sys.argv[1] not in known:
+        print(f"error: unknown command '{sys.argv[1]}'; commands: {', '.join(known)} (`ipt-ds --help`)",
+              file=sys.stderr)
+        sys.exit(2)
     try:
-        fire.Fire({**_plugin_commands(), "train": train, "evaluate": evaluate, "predict": predict,
-                   "estimate": estimate, "show-config": show_config, "methods": methods, "tasks": tasks,
-                   "predict-mixed": predict_mixed, "estimate-memory": estimate_memory, "make-digits": make_digits,
-                   "make-vit": make_vit})
+        fire.Fire(known, name="ipt-ds")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

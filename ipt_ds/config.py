@@ -7,13 +7,14 @@ everything about the experiment lives here. Keys the YAML owns must not appear i
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from ipt_ds.backbone import ModelConfig
-from ipt_ds.confload import ConfigError, build, load_yaml_with_lines
+from ipt_ds.confload import ConfigError, at_least, build, convert, load_yaml_with_lines
 from ipt_ds.generation import GenerationConfig
 from ipt_ds.heads import HeadConfig
 from ipt_ds.methods import MethodConfig, get_method
@@ -39,7 +40,7 @@ class RunConfig:
     """Seconds a collective may wait for the other ranks before this rank fails (bounds a hung or lost peer)."""
 
     def validate(self) -> list[str]:
-        problems = [] if self.log_every >= 1 else [f"run.log_every must be >= 1, got {self.log_every}"]
+        problems = at_least(self, "run", 1, "log_every") + at_least(self, "run", 0, "seed")
         if not self.collective_timeout_s > 0:  # `not >` also catches nan
             problems.append(f"run.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         return problems
@@ -76,13 +77,14 @@ class DataConfig:
     def validate(self) -> list[str]:
         from ipt_ds.data.tasks import get_task
 
+        problems = at_least(self, "data", 1, "max_length") + at_least(self, "data", 0, "num_shots")
         if self.format in ("imagefolder", "npz"):
-            return []
+            return problems
         try:
             get_task(self.task)
         except ValueError as err:
-            return [f"data.task: {err}"]
-        return []
+            problems.append(f"data.task: {err}")
+        return problems
 
 
 @dataclass(kw_only=True)
@@ -104,13 +106,12 @@ class TrainConfig:
     weights, optimizer state or schedule). fp16 loss-scaler overflows are always skipped, as DeepSpeed does."""
 
     def validate(self) -> list[str]:
-        problems = [f"train.{k} must be >= 1, got {v}" for k, v in
-                    (("batch_size", self.batch_size), ("micro_batch_size", self.micro_batch_size),
-                     ("eval_batch_size", self.eval_batch_size)) if v < 1]
+        problems = at_least(self, "train", 1, "batch_size", "micro_batch_size", "eval_batch_size")
         if not problems and self.batch_size % self.micro_batch_size:
             problems.append(f"train.batch_size {self.batch_size} is not a multiple of train.micro_batch_size "
                             f"{self.micro_batch_size}")
-        if self.epochs < 1 and self.max_steps < 1:
+        problems += at_least(self, "train", 0, "epochs", "max_steps", "eval_every")
+        if not problems and self.epochs < 1 and self.max_steps < 1:
             problems.append("set train.epochs or train.max_steps to at least 1")
         return problems
 
@@ -129,7 +130,8 @@ class OptimConfig:
     """Global gradient-norm clip (0: off). Written into the DeepSpeed config as gradient_clipping."""
 
     def validate(self) -> list[str]:
-        problems = [] if self.lr > 0 else [f"optim.lr must be > 0, got {self.lr}"]
+        problems = [] if 0 < self.lr < math.inf else [f"optim.lr must be > 0 and finite, got {self.lr}"]
+        problems += at_least(self, "optim", 0, "weight_decay", "grad_clip")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         return problems
@@ -208,6 +210,7 @@ def parse_sections(
     pairs across sections; it runs when every section is valid. Raises one ConfigError listing every problem."""
     problems: list[str] = []
     cli_keys = set()
+    problems.extend(_remote_code_from_file(data, overrides, source, lines))
     for dotted, value in (overrides or {}).items():
         section, _, key = str(dotted).partition(".")
         if not key:
@@ -245,3 +248,21 @@ def parse_sections(
     if problems:
         raise ConfigError(problems)
     return built
+
+
+def _remote_code_from_file(data: dict, overrides: dict | None, source: str, lines: dict | None) -> list[str]:
+    """Nothing read from a file (a YAML, an export's config.json) may switch on remote code: an export passed on
+    would otherwise run whatever code its hub repository holds. Only the command line's flag can."""
+    model = data.get("model")
+    if not isinstance(model, dict) or "model.trust_remote_code" in (overrides or {}):
+        return []
+    try:
+        wanted = convert(model.get("trust_remote_code", False), bool)
+    except ValueError:
+        return []  # reported with the other type errors
+    if not wanted:
+        return []
+    line = (lines or {}).get("model.trust_remote_code")
+    return [f"{source}{f':{line}' if line else ''}: model.trust_remote_code is set to true in the file; remote code "
+            "runs only when the command line asks for it: pass --model.trust_remote_code=true if you trust the code "
+            f"of '{model.get('name_or_path', '')}'"]

@@ -7,6 +7,7 @@ without importing the experiment config (which imports them).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -39,20 +40,28 @@ def load_yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError([f"{where}: broken YAML ({getattr(err, 'problem', err)}); fix the syntax there"]) from None
-    if data is None:
-        return {}, {}
+    if data is None:  # an empty file, or comments only: most likely the wrong file
+        raise ConfigError([f"{path}:1: the config file holds no settings (empty or comments only); give the "
+                           "sections the run needs (model:, method:, data:, ...), e.g. copy one from configs/"])
     if not isinstance(data, dict):
         raise ConfigError([f"{path}:1: the top level must be a mapping of sections (run:, model:, ...)"])
     lines: dict[str, int] = {}
+    duplicates: list[str] = []
 
     def walk(n: yaml.Node, prefix: str) -> None:
         if isinstance(n, yaml.MappingNode):
             for key_node, value_node in n.value:
                 dotted = f"{prefix}{key_node.value}"
-                lines[dotted] = key_node.start_mark.line + 1
+                line = key_node.start_mark.line + 1
+                if dotted in lines:  # YAML keeps the last value silently; which one was meant is unknowable
+                    duplicates.append(f"{path}:{line}: duplicate key '{dotted}' (also set at line {lines[dotted]}); "
+                                      "keep one of them")
+                lines[dotted] = line
                 walk(value_node, dotted + ".")
 
     walk(node, "")
+    if duplicates:
+        raise ConfigError(duplicates)
     return data, lines
 
 
@@ -159,8 +168,23 @@ def build(cls: type, values: dict, *, section: str, problems: list[str], where) 
         return None  # a required field is missing; already reported above
     validate = getattr(obj, "validate", None)
     if validate is not None:
-        problems.extend(f"{where(section)}: {p}" for p in validate())
+        problems.extend(f"{where(_key_named(p, section, fields))}: {p}" for p in validate())
     return obj
+
+
+def _key_named(problem: str, section: str, fields: dict) -> str:
+    """The first key of `section` that a validation problem names (`optim.lr must be > 0`), so that the problem is
+    reported where that key was set (its flag or its line); the section itself when it names none."""
+    for match in re.finditer(rf"\b{re.escape(section)}\.(\w+)", problem):
+        if match.group(1) in fields:
+            return f"{section}.{match.group(1)}"
+    return section
+
+
+def at_least(obj: Any, section: str, minimum: float, *names: str) -> list[str]:
+    """A problem for each numeric field `names` of `obj` below `minimum` (NaN too), for `validate` methods."""
+    return [f"{section}.{name} must be >= {minimum}, got {getattr(obj, name)}" for name in names
+            if not getattr(obj, name) >= minimum]
 
 
 def as_dict(obj: Any) -> Any:
@@ -186,6 +210,13 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def default_text(f: dataclasses.Field) -> str:
+    """A field's default as written in a config (its factory's value for lists and mappings), or `required`."""
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    return "required" if f.default_factory is dataclasses.MISSING else repr(f.default_factory())
+
+
 def reference_markdown(sections: dict[str, type]) -> str:
     """A markdown table per section: key, type, default, meaning."""
     out = []
@@ -193,8 +224,6 @@ def reference_markdown(sections: dict[str, type]) -> str:
         out += [f"## `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         docs, hints = field_docs(cls), typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-            out.append(f"| `{f.name}` | {_type_name(hints[f.name])} | `{default!r}` | {docs.get(f.name, '')} |")
+            out.append(f"| `{f.name}` | {_type_name(hints[f.name])} | `{default_text(f)}` | {docs.get(f.name, '')} |")
         out.append("")
     return "\n".join(out)

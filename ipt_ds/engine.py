@@ -61,8 +61,9 @@ def shm_buffer(rank: int) -> Path:
                             f"{os.environ.get('MASTER_PORT')}_{rank}")
 
 
-def resolve_ds_config(cfg: Config, *, world_size: int) -> dict:
-    """Read the DeepSpeed JSON and fill in what the YAML owns; a key set in both places is an error."""
+def resolve_ds_config(cfg: Config, *, world_size: int, check_offload: bool = True) -> dict:
+    """Read the DeepSpeed JSON and fill in what the YAML owns; a key set in both places is an error. `check_offload`:
+    also check that NVMe offload can run here (off for estimates made for another machine)."""
     path = Path(cfg.deepspeed.config)
     if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
         path = REPO_ROOT / path
@@ -73,6 +74,11 @@ def resolve_ds_config(cfg: Config, *, world_size: int) -> dict:
                          "ones") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: broken JSON ({err.msg})") from None
+    if not isinstance(ds, dict):
+        raise ValueError(f"{path}: a DeepSpeed config is a JSON object ({{\"zero_optimization\": ...}}), this file "
+                         f"holds a {type(ds).__name__}; see ds_configs/ for the shipped ones")
+    if check_offload:
+        _check_nvme_offload(ds, path)
     clashes = [f"'{key}' (set it with {owner} in the YAML)" for key, owner in YAML_OWNED.items() if key in ds]
     if clashes:
         raise ValueError(f"{path}: the DeepSpeed config sets keys that the experiment YAML owns: {', '.join(clashes)}; "
@@ -86,6 +92,44 @@ def resolve_ds_config(cfg: Config, *, world_size: int) -> dict:
     ds.setdefault("zero_optimization", {"stage": 0})
     ds.setdefault("steps_per_print", 10**9)  # our own logging reports progress
     return ds
+
+
+def _check_nvme_offload(ds: dict, path: Path) -> None:
+    """ZeRO's NVMe offload needs DeepSpeed's async_io op (libaio) and writes under `nvme_path`, creating it; DeepSpeed
+    finds that either is missing only after the model is built and partitioned, minutes into the run. Checked here,
+    up front: the op is installed or can be built, and the path is a directory or can be made in its nearest existing
+    parent."""
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError(f"{path}: 'zero_optimization' must be a JSON object, got {type(zero).__name__}")
+    for key in ("offload_param", "offload_optimizer"):
+        offload = zero.get(key) or {}
+        if not isinstance(offload, dict) or offload.get("device") != "nvme":
+            continue
+        target = offload.get("nvme_path")
+        if not target:
+            raise ValueError(f"{path}: zero_optimization.{key} offloads to nvme but sets no nvme_path; give a "
+                             "directory on a local NVMe disk")
+        from ipt_ds.checkpoint import unwritable_parent
+
+        blocked = unwritable_parent(Path(target))
+        if blocked is not None:
+            raise ValueError(f"{path}: zero_optimization.{key}.nvme_path '{target}' cannot be written ('{blocked}' "
+                             "is not a writable directory); point nvme_path at a directory on a local NVMe disk")
+        if not _async_io_available():
+            raise ValueError(f"{path}: zero_optimization.{key} offloads to nvme, which needs DeepSpeed's async_io op; "
+                             "it is not installed and cannot be built here (libaio missing: install libaio-dev, or "
+                             "offload to \"cpu\" instead)")
+
+
+def _async_io_available() -> bool:
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get("async_io"):
+        return True
+    builder = get_accelerator().create_op_builder("AsyncIOBuilder")
+    return builder is not None and builder.is_compatible(verbose=False)
 
 
 def fit_zero3_buckets(ds: dict, hidden_size: int) -> None:

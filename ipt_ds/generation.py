@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ipt_ds import checkpoint
+from ipt_ds.confload import at_least
 from ipt_ds.data.generation import GenerationEncoder, GenExample, load_generation_split
 from ipt_ds.data.pipeline import predict_sharded
 from ipt_ds.metrics import generation_metrics
@@ -42,9 +43,8 @@ class GenerationConfig:
     """Score only the first N sources of the test split at the end (0: all), for quick runs."""
 
     def validate(self) -> list[str]:
-        return [f"generation.{key} must be >= 1, got {value}" for key, value in
-                (("max_new_tokens", self.max_new_tokens), ("num_beams", self.num_beams),
-                 ("max_target_length", self.max_target_length)) if value < 1]
+        return (at_least(self, "generation", 1, "max_new_tokens", "num_beams", "max_target_length")
+                + at_least(self, "generation", 0, "eval_limit", "test_limit"))
 
 
 @contextlib.contextmanager

@@ -27,12 +27,22 @@ def load_for_inference(export_dir: str, overrides: dict):
     import deepspeed
 
     meta, tensors = checkpoint.read_export(Path(export_dir))
-    cfg = config_from_dict(meta["config"], overrides, source=export_dir)
+    trained_on = meta["config"].get("data", {}).get("task")
+    asked = overrides.get("data.task")
+    if asked is not None and trained_on is not None and str(asked) != trained_on:
+        raise ValueError(f"--data.task: '{export_dir}' was trained on task '{trained_on}'; it cannot score '{asked}' "
+                         f"(its head and labels are {trained_on}'s). Leave --data.task out, or use an export of a "
+                         f"{asked} run")
+    cfg = config_from_dict(meta["config"], overrides, source=f"{export_dir}/{checkpoint.EXPORT_CONFIG}")
     if cfg.data.format in ("imagefolder", "npz"):
         raise ValueError(f"'{export_dir}' is an image classification export; evaluate and predict take text exports "
                          "(the run's results.json holds its eval and test scores)")
+    saved_ds = meta.get("ds_config")
+    if not isinstance(saved_ds, dict) or "train_micro_batch_size_per_gpu" not in saved_ds:
+        raise ValueError(f"{export_dir}/{checkpoint.EXPORT_CONFIG}: no DeepSpeed settings ('ds_config'); evaluate and "
+                         "predict take the <run>/best export of an `ipt-ds train` run")
     rank, world = init_distributed(cfg.run.collective_timeout_s)
-    ds_config = {k: v for k, v in meta["ds_config"].items() if k not in ("gradient_accumulation_steps",)}
+    ds_config = {k: v for k, v in saved_ds.items() if k not in ("gradient_accumulation_steps",)}
     ds_config["train_batch_size"] = ds_config["train_micro_batch_size_per_gpu"] * world
     if ds_config.get("zero_optimization", {}).get("stage", 0) < 3:
         ds_config["zero_optimization"] = {"stage": 0}  # stages 1-2 only shard optimizer state, and need an optimizer
@@ -60,10 +70,10 @@ def evaluate_export(export_dir: str, overrides: dict) -> dict:
 def predict_export(export_dir: str, input_path: str, output_path: str, overrides: dict) -> None:
     """Write one jsonl line per input example: guid, predicted label (name or score) and the raw scores; for a
     generation task guid, source and the generated text."""
+    out = checkpoint.new_output_file(output_path)
+    if not Path(input_path).is_file():
+        raise ValueError(f"--input '{input_path}': no such file")
     cfg, task, engine, encoder, rank = load_for_inference(export_dir, overrides)
-    out = Path(output_path)
-    if out.exists():
-        raise ValueError(f"--output '{out}' exists; choose another path (predictions never overwrite a file)")
     if task.generation:  # one line per source: guid, source, generated text
         fields = cfg.data.fields or {"source": "mr" if task.name == "e2e" else "source"}
         examples = read_generation_file(Path(input_path), source_key=fields["source"], target_key=None)

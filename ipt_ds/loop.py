@@ -38,7 +38,7 @@ from ipt_ds.engine import (
     unmap_freed_gathers,
 )
 from ipt_ds.generation import GenerationRecipe
-from ipt_ds.metrics import compute_metrics
+from ipt_ds.metrics import compute_metrics, constant_baseline, log_split, record_split
 from ipt_ds.model import PromptModel, build_model
 from ipt_ds.vision import ImageRecipe
 
@@ -51,6 +51,10 @@ def check_run_dir(cfg: Config, world: int) -> Path:
     out = cfg.output_path()
     if out.exists() and not out.is_dir():
         raise ValueError(f"run.output_dir '{out}' is a file; choose a directory")
+    blocked = checkpoint.unwritable_parent(out)  # found here, not after the model and the engine are built
+    if blocked is not None:
+        raise ValueError(f"run.output_dir '{out}' cannot be written ('{blocked}' is not a writable directory); choose "
+                         "another --run.output_dir")
     exists = out.exists() and any(out.iterdir())
     if exists and not (cfg.run.resume or cfg.run.overwrite):
         raise ValueError(f"run.output_dir '{out}' already holds a run; pass --run.resume=true to continue it, "
@@ -59,6 +63,7 @@ def check_run_dir(cfg: Config, world: int) -> Path:
         if not (out / "checkpoints" / "latest").exists():
             raise ValueError(f"--run.resume: no checkpoint in '{out}/checkpoints' to resume from")
         checkpoint.check_resume_config(out, cfg.to_dict(), world)
+        checkpoint.latest_checkpoint(out / "checkpoints", world)  # before any file of the run is rewritten
     elif exists and cfg.run.overwrite:
         if Path.cwd().resolve().is_relative_to(out.resolve()):
             raise ValueError(f"--run.overwrite: run.output_dir '{out}' contains the current directory; refusing "
@@ -284,25 +289,20 @@ def _finish(engine, encoder, task, eval_examples, test_examples, cfg, state, out
     meta, tensors = checkpoint.read_export(out / "best")
     checkpoint.load_trainable(engine.module, tensors, source=str(out / "best"))
     results = {"task": task.name, "method": cfg.method.name, "best_step": state.best_step,
-               "skipped_steps": state.num_skipped,
-               "eval": evaluate(engine, encoder, task, eval_examples, cfg.train.eval_batch_size),
-               "parameters": meta["parameters"]}
-    if not task.is_regression:  # the number to beat: always predicting the most frequent eval label
-        counts = Counter(e.label for e in eval_examples)
-        results["eval_majority_acc"] = 100 * max(counts.values()) / len(eval_examples)
+               "skipped_steps": state.num_skipped, "parameters": meta["parameters"]}
+    splits = {"eval": eval_examples}
     if test_examples and all(e.label is not None for e in test_examples):
-        results["test"] = evaluate(engine, encoder, task, test_examples, cfg.train.eval_batch_size)
+        splits["test"] = test_examples
+    for split, examples in splits.items():  # each scored split with the number to beat there, in its own metrics
+        labels, groups = [e.label for e in examples], [e.group for e in examples]
+        record_split(results, split, evaluate(engine, encoder, task, examples, cfg.train.eval_batch_size),
+                     constant_baseline(task.metrics, labels, regression=task.is_regression, groups=groups))
         if not task.is_regression:
-            counts = Counter(e.label for e in test_examples)
-            results["test_majority_acc"] = 100 * max(counts.values()) / len(test_examples)
+            results[f"{split}_majority_acc"] = 100 * max(Counter(labels).values()) / len(labels)
     if rank == 0:
         checkpoint.atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-        for split in ("eval", "test"):
-            if split in results:
-                log.info("%s %s: %s", split, cfg.data.eval_split if split == "eval" else cfg.data.test_split,
-                         " ".join(f"{k}={v:.2f}" for k, v in results[split].items()))
-        if "eval_majority_acc" in results:
-            log.info("majority-class baseline on %s: acc=%.2f", cfg.data.eval_split, results["eval_majority_acc"])
+        for split in splits:
+            log_split(log, results, split, cfg.data.eval_split if split == "eval" else cfg.data.test_split)
     return results
 
 

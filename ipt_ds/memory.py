@@ -351,7 +351,8 @@ def report(cfg, *, world_size: int = 1, batch_size: int | None = None, seq_len: 
         raise ValueError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     if offload is not None and offload not in OFFLOAD:
         raise ValueError(f"--offload must be one of {', '.join(OFFLOAD)}, got {offload!r}")
-    ds = resolve_ds_config(cfg, world_size=1)  # reads and checks the JSON; batch divisibility is the launch's business
+    # Reads and checks the JSON; batch divisibility and whether NVMe offload runs here are the launch's business.
+    ds = resolve_ds_config(cfg, world_size=1, check_offload=False)
     zero = ds["zero_optimization"]
     if stage is not None:
         zero["stage"] = stage

@@ -121,6 +121,38 @@ def compute_metrics(
     return results
 
 
+def constant_baseline(
+    names: Sequence[str], labels: Sequence[int | float], *, regression: bool,
+    groups: Sequence[str | None] | None = None,
+) -> dict[str, float]:
+    """The number to beat on a split, in each of its metrics: the best score of one answer given to every example.
+    Classification tries every label of the split (the majority class for accuracy, always-positive for F1, ...);
+    regression the mean label (whose correlations are 0)."""
+    candidates = [float(np.mean(labels))] if regression else sorted(set(labels))
+    scores = [compute_metrics(names, predictions=[answer] * len(labels), labels=labels, groups=groups)
+              for answer in candidates]
+    return {name: max(score[name] for score in scores) for name in names}
+
+
+def record_split(results: dict, split: str, metrics: dict[str, float], baseline: dict[str, float]) -> None:
+    """Put a split's scores into results.json's mapping: `split`, `<split>_baseline` (`constant_baseline`) and
+    `<split>_not_above_baseline`, the metrics in which the model does no better than that one answer."""
+    results[split] = metrics
+    results[f"{split}_baseline"] = baseline
+    results[f"{split}_not_above_baseline"] = [name for name in metrics if metrics[name] <= baseline.get(name, -np.inf)]
+
+
+def log_split(log, results: dict, split: str, split_name: str) -> None:
+    """Log a split recorded by `record_split`: its scores, its baseline, and a warning where it is not above it."""
+    line = lambda scores: " ".join(f"{k}={v:.2f}" for k, v in scores.items())  # noqa: E731
+    log.info("%s %s: %s", split, split_name, line(results[split]))
+    log.info("%s %s baseline (one answer for every example, the best per metric): %s", split, split_name,
+             line(results[f"{split}_baseline"]))
+    if results[f"{split}_not_above_baseline"]:
+        log.warning("%s %s: %s at or below the baseline: the model does no better than one constant answer there",
+                    split, split_name, ", ".join(results[f"{split}_not_above_baseline"]))
+
+
 GENERATION_METRICS = ("bleu", "rouge_l")
 
 

@@ -47,13 +47,13 @@ def parse_exports(spec: str | dict) -> dict[str, str]:
     return {name: path for name, _, path in pairs}
 
 
-def load_routes(exports: dict[str, str]) -> dict[str, Route]:
+def load_routes(exports: dict[str, str], overrides: dict | None = None) -> dict[str, Route]:
     """Build every export's model; those that keep the backbone frozen share one loaded backbone."""
     shared: dict[tuple, tuple] = {}
     routes = {}
     for name, directory in exports.items():
         meta, tensors = checkpoint.read_export(Path(directory))
-        cfg = config_from_dict(meta["config"], {}, source=directory)
+        cfg = config_from_dict(meta["config"], dict(overrides or {}), source=f"{directory}/{checkpoint.EXPORT_CONFIG}")
         task = get_task(cfg.data.task)
         owns_backbone = any(key.startswith("backbone.") for key in tensors)
         key = (cfg.model.name_or_path, cfg.model.gguf_file, cfg.head.type == "verbalizer")
@@ -89,12 +89,13 @@ def read_rows(path: Path, names: set[str]) -> list[tuple[int, dict]]:
 
 
 @torch.no_grad()
-def predict_mixed(exports: dict[str, str], input_path: str, output_path: str, *, batch_size: int = 32) -> list[dict]:
-    out, path = Path(output_path), Path(input_path)
-    if out.exists():
-        raise ValueError(f"--output '{out}' exists; choose another path (predictions never overwrite a file)")
-    routes = load_routes(exports)
-    rows = read_rows(path, set(routes))
+def predict_mixed(exports: dict[str, str], input_path: str, output_path: str, *, batch_size: int = 32,
+                  overrides: dict | None = None) -> list[dict]:
+    """`overrides`: `--section.key=value` flags for every export's config (the command line takes only
+    model.trust_remote_code, which no export can switch on by itself)."""
+    out, path = checkpoint.new_output_file(output_path), Path(input_path)
+    rows = read_rows(path, set(exports))  # before any model is loaded
+    routes = load_routes(exports, overrides)
     results: dict[int, dict] = {}
     for name, route in routes.items():
         mine = [(lineno, examples_from_record(route.task, record, guid=f"line{lineno}", where=f"{path}:{lineno}",

@@ -50,6 +50,26 @@ class PromptModel(nn.Module):
         return sum(local_bytes(p) for p in self.backbone.parameters())
 
 
+def _check_positions(cfg: Config, backbone: Backbone, method: nn.Module) -> None:
+    """Encoders have a fixed table of position embeddings: refuse inputs that would index past it (they would fail in
+    the first step) from what the method says it puts in front of the input (methods/__init__.py)."""
+    if backbone.family != "encoder" or not backbone.max_positions:
+        return
+    embedded, cached = getattr(method, "num_embedded_prompts", 0), getattr(method, "num_cached_prompts", 0)
+    needed = backbone.positions_needed(cfg.data.max_length, embedded=embedded, cached=cached)
+    if needed <= backbone.max_positions:
+        return
+    parts = [f"data.max_length {cfg.data.max_length}"]
+    if embedded:
+        parts.append(f"{embedded} prompt positions")
+    if cached and backbone.positions_follow_cache:
+        parts.append(f"{cached} prefix positions (this backbone numbers the input after them)")
+    if backbone.position_offset:
+        parts.append(f"{backbone.position_offset} unused (this backbone numbers positions from padding_idx + 1)")
+    raise ValueError(f"{' + '.join(parts)} = {needed} positions exceed the backbone's {backbone.max_positions}; lower "
+                     f"data.max_length to {cfg.data.max_length - (needed - backbone.max_positions)}")
+
+
 def build_model(
     cfg: Config, task: Task, *, dtype: torch.dtype, ds_config: dict | None, loaded: tuple | None = None
 ) -> tuple[PromptModel, TextEncoder]:
@@ -88,11 +108,7 @@ def build_model(
     method = get_method(cfg.method.name).build(cfg.method, backbone, tokenizer)
     head = build_head(cfg.head, backbone, num_labels=len(task.label_names), label_token_ids=token_ids)
     model = PromptModel(backbone, method, head)
-    num_prefix = getattr(method, "num_prefix_positions", 0)
-    if backbone.family == "encoder" and backbone.max_positions and \
-            cfg.data.max_length + num_prefix > backbone.max_positions:
-        raise ValueError(f"data.max_length {cfg.data.max_length} + {num_prefix} prompt positions exceeds the "
-                         f"backbone's {backbone.max_positions} positions; lower data.max_length")
+    _check_positions(cfg, backbone, method)
     template = cfg.head.template or task.template
     if task.generation:
         from ipt_ds.data.generation import GenerationEncoder, Seq2SeqEncoder

@@ -15,6 +15,14 @@ from safetensors.torch import save_file
 from ipt_ds.backbone import Backbone
 
 
+def base_model_reference(name_or_path: str) -> str:
+    """What the adapter names as its base model (`base_model_name_or_path`): a hub id as given; for a local directory
+    only its name, since a full path would name a folder of the training machine (load the base model yourself and
+    pass it to `PeftModel.from_pretrained`)."""
+    path = Path(name_or_path)
+    return path.resolve().name if path.is_dir() else name_or_path
+
+
 def write_peft_adapter(method, backbone: Backbone, base_model: str, out_dir: Path) -> bool:
     """Write the adapter if the method has a PEFT equivalent; returns whether it did. Call with gathered weights."""
     adapter = getattr(method, "peft_adapter", None)
@@ -25,7 +33,7 @@ def write_peft_adapter(method, backbone: Backbone, base_model: str, out_dir: Pat
     fields, table = exported
     config = {
         "task_type": "FEATURE_EXTRACTION",
-        "base_model_name_or_path": base_model,
+        "base_model_name_or_path": base_model_reference(base_model),
         "num_virtual_tokens": table.shape[0],
         "token_dim": backbone.hidden_size,
         "num_transformer_submodules": 1,

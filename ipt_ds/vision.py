@@ -24,7 +24,7 @@ from ipt_ds.data.sampling import sample_per_class
 from ipt_ds.engine import TrainState, ds_dtype
 from ipt_ds.heads import build_head
 from ipt_ds.methods import METHODS, get_method
-from ipt_ds.metrics import compute_metrics
+from ipt_ds.metrics import compute_metrics, constant_baseline, log_split, record_split
 from ipt_ds.model import PromptModel
 
 log = logging.getLogger("ipt_ds")
@@ -102,16 +102,15 @@ class ImageRecipe:
                    "skipped_steps": state.num_skipped, "parameters": meta["parameters"]}
         for split, features in (("eval", self.eval_features), ("test", self.test_features)):
             if features:
-                results[split] = self.score(engine, features)
-                counts = Counter(f["labels"] for f in features)
-                results[f"{split}_majority_acc"] = 100 * max(counts.values()) / len(features)
+                labels = [f["labels"] for f in features]
+                record_split(results, split, self.score(engine, features),
+                             constant_baseline(METRICS, labels, regression=False))
+                results[f"{split}_majority_acc"] = 100 * max(Counter(labels).values()) / len(features)
         if rank == 0:
             checkpoint.atomic_write_text(out / "results.json", json.dumps(results, indent=2))
             for split in ("eval", "test"):
                 if split in results:
-                    log.info("%s %s: %s (majority class: acc=%.2f)", split, getattr(cfg.data, f"{split}_split"),
-                             " ".join(f"{k}={v:.2f}" for k, v in results[split].items()),
-                             results[f"{split}_majority_acc"])
+                    log_split(log, results, split, getattr(cfg.data, f"{split}_split"))
         return results
 
 

@@ -21,14 +21,36 @@ def cell(eval_acc: float, test_acc: float | None = None) -> dict:
 def test_accuracy_table_reports_the_test_split_when_there_is_one(tmp_path):
     rows = accuracy.summarize({"cb/a": [cell(70.0), cell(74.0)], "sst2/b": [cell(90.0, 80.0), cell(95.0, 84.0)]})
     assert rows[0]["split"] == "eval" and rows[0]["mean"] == pytest.approx(72.0)
-    assert rows[0]["sd"] == pytest.approx(2.8284, rel=1e-4) and rows[0]["majority"] == 50.0
-    assert rows[1]["split"] == "test" and rows[1]["mean"] == pytest.approx(82.0) and rows[1]["majority"] == 60.0
+    assert rows[0]["sd"] == pytest.approx(2.8284, rel=1e-4) and rows[0]["baseline"] == 50.0
+    assert rows[1]["split"] == "test" and rows[1]["mean"] == pytest.approx(82.0) and rows[1]["baseline"] == 60.0
     accuracy.write_report(tmp_path, rows, "python -m benchmarks.accuracy ...")
     table = (tmp_path / "results.md").read_text()
     assert "| cb/a | cb | lpt | 1,234 | eval | acc | 72.0 ± 2.8 | 2 | 50.0 |" in table
     assert "| sst2/b | cb | lpt | 1,234 | test | acc | 82.0 ± 2.8 | 2 | 60.0 |" in table
     assert json.loads((tmp_path / "results.json").read_text()) == rows
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_accuracy_report_puts_each_metric_beside_its_own_baseline_also_for_regression(tmp_path):
+    """A paraphrase task scored in F1 gets the always-positive F1 beside it, not the majority class's accuracy; a
+    regression task (correlations, no majority class) is reported without a crash."""
+    def f1_run(f1: float) -> dict:
+        return {"task": "mrpc", "method": "lpt", "eval": {"f1": f1, "acc": 70.0}, "eval_majority_acc": 68.4,
+                "eval_baseline": {"f1": 81.2, "acc": 68.4}, "parameters": {"trainable": 10}}
+
+    def stsb_run(pearson: float) -> dict:
+        return {"task": "stsb", "method": "lpt", "eval": {"pearson": pearson, "spearman": 50.0},
+                "eval_baseline": {"pearson": 0.0, "spearman": 0.0}, "parameters": {"trainable": 10}}
+
+    old_stsb = {"task": "stsb", "method": "lpt", "eval": {"pearson": 60.0}, "parameters": {"trainable": 10}}
+    rows = accuracy.summarize({"mrpc/a": [f1_run(69.9), f1_run(70.1)], "stsb/a": [stsb_run(60.0), stsb_run(62.0)],
+                               "stsb/old": [old_stsb]})
+    assert [r["baseline"] for r in rows] == [81.2, 0.0, None]
+    accuracy.write_report(tmp_path, rows, "python -m benchmarks.accuracy ...")
+    text = (tmp_path / "results.md").read_text()
+    assert "| mrpc/a | mrpc | lpt | 10 | eval | f1 | 70.0 ± 0.1 | 2 | 81.2 |" in text
+    assert "| stsb/a | stsb | lpt | 10 | eval | pearson | 61.0 ± 1.4 | 2 | 0.0 |" in text
+    assert "| stsb/old | stsb | lpt | 10 | eval | pearson | 60.0 ± 0.0 | 1 | - |" in text
 
 
 def test_accuracy_study_reuses_finished_cells(tmp_path):
@@ -50,7 +72,7 @@ def test_methods_by_tasks_table_takes_each_cell_from_its_study(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "| config | full_cb<br>cb eval acc | lmbff_sst2<br>cb test acc | mean |" in text
     assert "| cb/a | 72.0 ± 2.8 | 82.0 ± 2.8 | 77.0 |" in text and "| cb/b | 60.0 ± 0.0 | - | - |" in text
-    assert "| majority class | 50.0 | 60.0 | 55.0 |" in text
+    assert "| baseline (one constant answer) | 50.0 | 60.0 | 55.0 |" in text
     assert (tmp_path / "results.png").stat().st_size > 0
 
 

@@ -40,7 +40,7 @@ def test_every_problem_in_one_error_with_file_and_line(tmp_path):
     text = "\n".join(problems)
     assert f"{path}:2: 'run.seed' expected an integer, got 'abc'" in text
     assert f"{path}:4: unknown key 'optim.lrr'; valid keys in 'optim': grad_clip, lr," in text
-    assert f"{path}:5: train.batch_size 30 is not a multiple of train.micro_batch_size 16" in text
+    assert f"{path}:6: train.batch_size 30 is not a multiple of train.micro_batch_size 16" in text  # at the key
     assert f"{path}:8: unknown section 'zzz'" in text
     assert "--data.max_length: 'data.max_length' expected an integer, got 'long'" in text
     assert "--head.type: 'head.type' must be one of 'linear', 'verbalizer', 'lm', got 'mlp'" in text

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from ipt_ds.metrics import METRICS, compute_metrics
+from ipt_ds.metrics import METRICS, compute_metrics, constant_baseline
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -70,3 +70,15 @@ def test_bad_calls_raise_value_errors():
         compute_metrics(["em"], predictions=[1], labels=[1])
     with pytest.raises(ValueError, match="groups has 1 entries for 2"):
         compute_metrics(["em"], predictions=[1, 0], labels=[1, 0], groups=["a"])
+
+
+def test_the_baseline_is_the_best_single_answer_in_each_metric():
+    """The number a model must beat, per metric: the majority class for accuracy, always-positive for F1 even where
+    the positive class is the minority, and 0 for the correlations of a regression task."""
+    assert constant_baseline(["acc", "f1"], [0, 0, 0, 1], regression=False) == pytest.approx({"acc": 75.0, "f1": 40.0})
+    assert constant_baseline(["acc", "f1"], [1, 1, 1, 0, 1, 0, 1, 1], regression=False) == pytest.approx(
+        {"acc": 75.0, "f1": 100 * 12 / 14})
+    assert constant_baseline(["pearson", "spearman"], [0.5, 2.0, 4.0], regression=True) == {"pearson": 0.0,
+                                                                                             "spearman": 0.0}
+    em = constant_baseline(["f1a", "em"], [1, 0, 1, 1], regression=False, groups=["q1", "q1", "q2", "q2"])
+    assert em == pytest.approx({"f1a": 100 * 6 / 7, "em": 50.0})

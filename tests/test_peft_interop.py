@@ -40,7 +40,10 @@ def test_peft_reproduces_our_prompts(tmp_path, tiny_models, case, family):
     model.eval()
     export_trainable(model, tmp_path / "best", {"config": cfg.to_dict()}, rank=0)
     adapter = tmp_path / "best" / "peft"
-    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == peft_type
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == peft_type
+    # a local backbone is named by its directory only: a full path would name a folder of this machine
+    assert adapter_config["base_model_name_or_path"] == tiny_models[family].name
 
     data = write_entailment_task(tmp_path / "data", num_train=4, num_eval=4)
     batch = collate([encoder(e) for e in read_split(data["val"], task)], encoder.tokenizer.pad_token_id)
@@ -52,3 +55,10 @@ def test_peft_reproduces_our_prompts(tmp_path, tiny_models, case, family):
     theirs = theirs.last_hidden_state[:, -batch["input_ids"].shape[1]:]  # drop virtual-token positions
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(ours.hidden[:, ours.num_prefix:][real], theirs[real], rtol=1e-5, atol=1e-5)
+
+
+def test_a_hub_backbone_is_named_as_given():
+    from ipt_ds.peft_export import base_model_reference
+
+    assert base_model_reference("FacebookAI/roberta-large") == "FacebookAI/roberta-large"
+    assert base_model_reference("roberta-large") == "roberta-large"

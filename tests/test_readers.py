@@ -237,6 +237,7 @@ def test_hub_rows_map_to_the_same_examples(monkeypatch):
         return rows[config.split(".")[0]]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr("ipt_ds.backbone.hub_reachable", lambda: True)  # the hub is faked by the datasets stand-in
     multirc = load_hub_split(get_task("multirc"), "val")
     assert multirc == [Example(guid="val-0-1-2", text_a="P.", text_b="Q? A", label=1, group="0-1")]
     wsc = load_hub_split(get_task("wsc"), "test")
@@ -249,6 +250,18 @@ def test_hub_rows_map_to_the_same_examples(monkeypatch):
     ]
     with pytest.raises(ValueError, match="task trec has no hub source"):
         load_hub_split(get_task("trec"), "train")
+
+
+def test_a_hub_split_without_network_fails_at_once(monkeypatch):
+    """datasets retried for half a minute before its error; an unreachable hub is now named before it is asked."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("ipt_ds.backbone.hub_reachable", lambda: False)
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *args, **kwargs: 1 / 0))
+    with pytest.raises(ValueError, match=r"task rte split 'train': there is no local data root and the HF hub cannot "
+                                         r"be reached; set \$IPT_DS_DATA or data.root"):
+        load_hub_split(get_task("rte"), "train")
 
 
 def test_default_data_root_honours_the_environment(monkeypatch, tmp_path):

@@ -24,7 +24,8 @@ def test_minilm_prompt_method_learns_cb_past_the_majority_class(tmp_path):
     assert results["eval"]["acc"] >= results["eval_majority_acc"] + 10, results
     checkpoint_bytes = sum(f.stat().st_size for f in (out / "checkpoints").rglob("*") if f.is_file())
     assert checkpoint_bytes < 5 * 2**20, f"a prompt checkpoint must stay small, got {checkpoint_bytes} bytes"
-    assert "majority-class baseline on val: acc=50.00" in result.stderr
+    assert results["eval_baseline"]["acc"] == 50.0 and results["eval_not_above_baseline"] == []
+    assert "eval val baseline (one answer for every example, the best per metric): acc=50.00" in result.stderr
 
 
 def test_a_one_label_training_split_is_named_in_a_warning(caplog):

@@ -87,3 +87,38 @@ def test_resume_refuses_a_checkpoint_file_that_pickles_code(tmp_path):
     assert not marker.exists()
     torch.save({"module": {"w": torch.ones(2)}, "step": 3}, tmp_path / "plain.pt")
     assert safe_torch_load(tmp_path / "plain.pt")["step"] == 3
+
+
+def test_nothing_read_from_a_file_switches_on_remote_code(tmp_path, tiny_bert, monkeypatch):
+    """A YAML or an export's config.json that sets model.trust_remote_code is refused before any model code is
+    loaded (evaluate, predict and predict-mixed read the export); only the command line's flag turns it on."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ipt_ds import infer, mixed, model
+    from ipt_ds.config import load_config
+    from ipt_ds.confload import ConfigError
+
+    loaded = []
+    monkeypatch.setattr(model, "load_backbone", lambda *args, **kwargs: loaded.append(args) or 1 / 0)
+    yaml_file = tmp_path / "cfg.yaml"
+    yaml_file.write_text(f"model:\n  name_or_path: {tiny_bert}\n  trust_remote_code: true\n")
+    with pytest.raises(ConfigError, match=rf"{yaml_file}:3: model.trust_remote_code is set to true in the file; "
+                                          "remote code runs only when the command line asks for it: pass "
+                                          "--model.trust_remote_code=true"):
+        load_config(yaml_file)
+    assert load_config(yaml_file, {"model.trust_remote_code": "true"}).model.trust_remote_code is True
+    assert load_config(yaml_file, {"model.trust_remote_code": "false"}).model.trust_remote_code is False
+
+    export = tmp_path / "best"
+    export.mkdir()
+    config = {"model": {"name_or_path": str(tiny_bert), "trust_remote_code": True}, "data": {"task": "rte"}}
+    (export / "config.json").write_text(json.dumps({"config": config, "ds_config": {}}))
+    save_file({"head.linear.weight": torch.zeros(2, 32)}, export / "model.safetensors")
+    refused = rf"{export}/config.json: model.trust_remote_code is set to true in the file"
+    with pytest.raises(ValueError, match=refused):
+        infer.load_for_inference(str(export), {})
+    with pytest.raises(ValueError, match=refused):
+        mixed.load_routes({"rte": str(export)})
+    assert loaded == [], "no backbone may be loaded before the refusal"

@@ -57,6 +57,10 @@ def test_run_writes_small_checkpoint_and_export_that_evaluate_and_predict_use(tm
     result = run_cli("train", str(cfg), f"--run.output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
+    # the number to beat, in the task's own metrics: the eval split holds as many entailments as not
+    assert results["eval_baseline"] == {"acc": 50.0}
+    assert results["eval_not_above_baseline"] == (["acc"] if results["eval"]["acc"] <= 50.0 else [])
+    assert "eval " + str(tmp_path / "data" / "val.jsonl") + " baseline (one answer for every example" in result.stderr
     export = load_file(out / "best" / "model.safetensors")
     assert sorted(export) == ["head.linear.bias", "head.linear.weight", "method.prompt"]
     checkpoint_bytes = sum(f.stat().st_size for f in (out / "checkpoints").rglob("*") if f.is_file())

@@ -286,6 +286,8 @@ def test_vpt_trains_on_digits_on_two_ranks_with_zero3(digits, tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["parameters"]["trainable"] == 2 * 4 * 32 + 32 * 10 + 10  # L·P·H prompts + the head
     assert results["eval"]["acc"] > 2 * results["eval_majority_acc"] and results["test"]["acc"] > 20, results
+    assert results["test_baseline"]["acc"] == pytest.approx(results["test_majority_acc"])
+    assert results["test_not_above_baseline"] == []
     from safetensors.torch import load_file
 
     assert load_file(tmp_path / "run" / "best" / "model.safetensors")["method.prompts"].shape == (2, 4, 32)

@@ -209,7 +209,14 @@ def load_hub_split(task: Task, split: str) -> list[Example]:
     if task.name not in _HUB:
         raise ValueError(f"task {task.name} has no hub source here (only {', '.join(sorted(_HUB))}); use local files")
     import datasets  # only the online path needs it
+    from huggingface_hub import constants
 
+    from ipt_ds.backbone import hub_reachable
+
+    if not constants.HF_HUB_OFFLINE and not hub_reachable():  # datasets would retry for half a minute first
+        raise ValueError(f"task {task.name} split '{split}': there is no local data root and the HF hub cannot be "
+                         "reached; set $IPT_DS_DATA or data.root to the folder of the task files (or HF_HUB_OFFLINE=1 "
+                         "to read splits cached earlier)")
     repo, config = _HUB[task.name]
     hub_split = "validation" if split in ("val", "dev") else split
     if task.name == "mnli" and hub_split in ("validation", "test"):

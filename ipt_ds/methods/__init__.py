@@ -3,6 +3,13 @@
 A method module receives the frozen `Backbone` and decides (1) which parameters train, by owning new ones or by
 setting `requires_grad` on backbone parameters, and (2) how a batch runs through the backbone, in its `forward`,
 which returns the last hidden states and the matching attention mask. Nothing outside a method names a method.
+
+What a method module tells the rest through attributes (0 when it does not set them):
+* `num_prefix_positions`: P positions that (some of) the layers see in front of the input (memory estimates);
+* `num_embedded_prompts`: the prompt vectors that pass through the backbone's embeddings with the input and so take
+  position ids (input prompts: P; late prompts enter above the embeddings: 0);
+* `num_cached_prompts`: the length of the key/value prefix given to every layer (some families number the input's
+  positions after it). The last two bound `data.max_length` by the backbone's position table (model.py).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ipt_ds.backbone import Backbone
+from ipt_ds.confload import at_least
 from ipt_ds.methods import register
 from ipt_ds.methods.base import MethodConfig, MethodOutput
 
@@ -32,7 +33,7 @@ class PTuningV2Config(MethodConfig):
     """Dropout on the prefix vectors during training (P-tuning v2 uses the backbone's hidden dropout, 0.1)."""
 
     def validate(self) -> list[str]:
-        problems = [] if self.num_virtual_tokens >= 1 else ["method.num_virtual_tokens must be >= 1"]
+        problems = at_least(self, "method", 1, "num_virtual_tokens", "projection_hidden")
         if not 0 <= self.dropout < 1:
             problems.append(f"method.dropout must be in [0, 1), got {self.dropout}")
         return problems
@@ -60,6 +61,7 @@ class DeepPrompt(nn.Module):
         self.head_dim = backbone.head_dim
         width = self.num_layers * 2 * self.num_kv_heads * self.head_dim
         num_tokens = cfg.num_virtual_tokens
+        self.num_cached_prompts = num_tokens  # key/value prefixes only: nothing passes through the embeddings
         if cfg.projection:
             self.embedding = nn.Parameter(torch.randn(num_tokens, backbone.hidden_size) * 0.02)
             self.mlp = nn.Sequential(nn.Linear(backbone.hidden_size, cfg.projection_hidden), nn.Tanh(),

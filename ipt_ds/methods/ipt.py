@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ipt_ds.backbone import Backbone
+from ipt_ds.confload import at_least
 from ipt_ds.methods import register
 from ipt_ds.methods.base import MethodConfig, MethodOutput, leading, run_with_input_prompt, source_mask
 from ipt_ds.methods.generators import build_generator
@@ -86,7 +87,8 @@ class IPTConfig(MethodConfig):
     """Random tables and task prompts start U(-init_range, init_range)."""
 
     def validate(self) -> list[str]:
-        problems = [] if self.num_tokens >= 1 else [f"method.num_tokens must be >= 1, got {self.num_tokens}"]
+        problems = at_least(self, "method", 1, "num_tokens", "generator_width") + at_least(self, "method", 0,
+                                                                                             "init_range")
         if self.residual and not self.instance:
             problems.append("method.residual adds an instance term to the task prompt; it needs method.instance: true")
         if self.residual and self.task_prompt:
@@ -218,6 +220,8 @@ class IPT(nn.Module):
         width = instance_width(cfg, backbone)  # one instance vector per prompt position
         concatenated = cfg.task_prompt and cfg.instance and not cfg.residual
         self.num_prefix_positions = 0 if self.prefix_path else num_tokens * (1 + concatenated)
+        self.num_embedded_prompts = self.num_prefix_positions
+        self.num_cached_prompts = num_tokens if self.prefix_path else 0
         if self.prefix_path:
             self.task_prefix = nn.Parameter(torch.randn(num_tokens, backbone.prefix_layers * 2 * kv) * 0.02)
         elif cfg.has_task_prompt:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ipt_ds.backbone import Backbone
+from ipt_ds.confload import at_least
 from ipt_ds.methods import register
 from ipt_ds.methods.base import MethodConfig, MethodOutput, leading, source_mask
 from ipt_ds.methods.generators import build_generator
@@ -45,9 +46,7 @@ class LPTConfig(MethodConfig):
     """Dropout on the generated prompt (training only)."""
 
     def validate(self) -> list[str]:
-        problems = [] if self.num_tokens >= 1 else [f"method.num_tokens must be >= 1, got {self.num_tokens}"]
-        if self.bottleneck < 1:
-            problems.append(f"method.bottleneck must be >= 1, got {self.bottleneck}")
+        problems = at_least(self, "method", 1, "num_tokens", "bottleneck") + at_least(self, "method", -1, "layer")
         if not 0 <= self.dropout < 1:
             problems.append(f"method.dropout must be in [0, 1), got {self.dropout}")
         return problems
@@ -77,6 +76,7 @@ class LPT(nn.Module):
         self.cfg, self.layer, self.family = cfg, layer, backbone.family
         num_tokens, hidden, width = cfg.num_tokens, backbone.hidden_size, cfg.bottleneck
         self.num_prefix_positions = num_tokens
+        self.num_embedded_prompts = 0  # the prompt enters above the embeddings: it takes no position ids
         if cfg.generator == "npg":
             self.down, self.up = nn.Linear(hidden, width), nn.Linear(width, num_tokens * hidden)
         elif cfg.generator in ("appg", "mppg"):

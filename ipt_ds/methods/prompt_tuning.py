@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ipt_ds.backbone import Backbone, embedding_rows
+from ipt_ds.confload import at_least
 from ipt_ds.methods import register
 from ipt_ds.methods.base import MethodConfig, MethodOutput, run_with_input_prompt
 
@@ -34,9 +35,7 @@ class PromptTuningConfig(MethodConfig):
     init_range: float = 0.5
 
     def validate(self) -> list[str]:
-        problems = []
-        if self.num_virtual_tokens < 1:
-            problems.append(f"method.num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        problems = at_least(self, "method", 1, "num_virtual_tokens") + at_least(self, "method", 0, "init_range")
         if self.init == "text" and not self.init_text:
             problems.append("method.init is 'text' but method.init_text is empty; give the text or use init: vocab")
         return problems
@@ -46,7 +45,7 @@ class PromptTuning(nn.Module):
     def __init__(self, prompt: torch.Tensor):
         super().__init__()
         self.prompt = nn.Parameter(prompt)  # (P, H)
-        self.num_prefix_positions = prompt.shape[0]
+        self.num_prefix_positions = self.num_embedded_prompts = prompt.shape[0]
 
     def peft_adapter(self) -> tuple[dict, torch.Tensor]:
         return {"peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM"}, self.prompt

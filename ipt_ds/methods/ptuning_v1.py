@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ipt_ds.backbone import Backbone
+from ipt_ds.confload import at_least
 from ipt_ds.methods import register
 from ipt_ds.methods.base import MethodConfig, MethodOutput, run_with_input_prompt
 
@@ -32,14 +33,14 @@ class PTuningV1Config(MethodConfig):
     """prefix: all virtual tokens before the input; split: half before the input, half before text_b (or the mask)."""
 
     def validate(self) -> list[str]:
-        return [] if self.num_virtual_tokens >= 1 else ["method.num_virtual_tokens must be >= 1"]
+        return at_least(self, "method", 1, "num_virtual_tokens") + at_least(self, "method", 0, "encoder_hidden")
 
 
 class PTuningV1(nn.Module):
     def __init__(self, cfg: PTuningV1Config, hidden_size: int):
         super().__init__()
         self.placement = cfg.placement
-        self.num_prefix_positions = cfg.num_virtual_tokens
+        self.num_prefix_positions = self.num_embedded_prompts = cfg.num_virtual_tokens
         width = cfg.encoder_hidden or hidden_size
         self.embedding = nn.Embedding(cfg.num_virtual_tokens, hidden_size)
         if cfg.encoder == "lstm":

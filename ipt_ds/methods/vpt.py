@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ipt_ds.backbone import Backbone
+from ipt_ds.confload import at_least
 from ipt_ds.methods import register
 from ipt_ds.methods.base import MethodConfig, MethodOutput
 
@@ -40,7 +41,7 @@ class VPTConfig(MethodConfig):
     """Dropout on the prompt vectors in training (0.1 in the reference configs)."""
 
     def validate(self) -> list[str]:
-        problems = [] if self.num_tokens >= 1 else [f"method.num_tokens must be >= 1, got {self.num_tokens}"]
+        problems = at_least(self, "method", 1, "num_tokens")
         if not 0 <= self.dropout < 1:
             problems.append(f"method.dropout must be in [0, 1), got {self.dropout}")
         if not self.init_scale > 0:
