@@ -55,8 +55,9 @@ def _shutdown_distributed() -> None:
 
 def _user_errors(command):
     """Run a command; a user error prints one clear message and exits 2 (the traceback only with --run.debug).
-    Any other failure logs `rank R failed at step S: ...` with its traceback and exits 1. A rank that joined a process
-    group leaves at once either way, so that no teardown waits on peers (see failures.py)."""
+    A run stopped by a stop signal exits 75 (preemption.py). Any other failure logs `rank R failed at step S: ...`
+    with its traceback and exits 1. A rank that joined a process group leaves at once either way, so that no teardown
+    waits on peers (see failures.py)."""
     def wrapped(*args, **overrides):
         _setup(overrides)
         try:
@@ -70,7 +71,11 @@ def _user_errors(command):
             _exit(2)
         except Exception as err:
             from ipt_ds.failures import failure_message
+            from ipt_ds.preemption import STOPPED_EXIT_CODE, Stopped
 
+            if isinstance(err, Stopped):  # a stop signal: the checkpoint is saved, every rank leaves together
+                _shutdown_distributed()
+                _exit(STOPPED_EXIT_CODE)
             logging.getLogger("ipt_ds").exception(failure_message(err))
             _exit(1)
 

@@ -37,12 +37,18 @@ class RunConfig:
     """Show full tracebacks for user errors."""
     collective_timeout_s: float = 1800.0
     """Seconds a collective may wait for the other ranks before this rank fails (bounds a hung or lost peer)."""
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    """Signals that stop the run cleanly: after the current step every rank saves a checkpoint, `latest` names it,
+    and the process exits with status 75, to be resumed (Slurm's warning before a time limit, preemption;
+    docs/launching.md). []: none (SIGTERM then ends a rank at once)."""
 
     def validate(self) -> list[str]:
+        from ipt_ds.preemption import signal_problems
+
         problems = [] if self.log_every >= 1 else [f"run.log_every must be >= 1, got {self.log_every}"]
         if not self.collective_timeout_s > 0:  # `not >` also catches nan
             problems.append(f"run.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
-        return problems
+        return problems + signal_problems(self.stop_signals)
 
 
 @dataclass(kw_only=True)

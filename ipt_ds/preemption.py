@@ -1,0 +1,89 @@
+"""Stopping on a signal: Slurm's warning before a time limit, preemption, or a user's `kill -USR1`.
+
+Each signal of `run.stop_signals` (default SIGUSR1 and SIGTERM) only sets a flag. After every optimizer step all
+ranks agree on the flags with one all-reduce (the MAX of one integer), so a signal that reaches one rank only, or
+every rank at a slightly different moment, stops them all after the same step. The loop then saves a checkpoint of
+that step (every rank, then `latest` moved by rank 0, as at every evaluation) and raises `Stopped`; the command line
+leaves the process group together and exits with `STOPPED_EXIT_CODE`. The Slurm scripts requeue a job that ends
+with it, and the requeued job resumes from `latest` (docs/launching.md, "Preemption and time limits").
+
+The exit status is 75, EX_TEMPFAIL of sysexits.h ("a temporary failure; the user is invited to retry later"): it is
+neither success (0), a failure (1), a user error (2) nor a death by a signal (128 + N), so a script can tell a run
+that stopped to be continued from one that failed.
+
+One exception to "only sets a flag": the `deepspeed` launcher and `srun --kill-on-bad-exit` send SIGTERM to the ranks
+that are left after one has failed. A rank whose peers on this host are gone then leaves at once, as without
+preemption (failures.py); waiting for a step boundary would only wait for a collective that cannot complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import torch
+
+from ipt_ds import failures
+
+log = logging.getLogger("ipt_ds")
+
+STOPPED_EXIT_CODE = 75
+UNCATCHABLE = ("SIGKILL", "SIGSTOP")
+_received: list[int] = []  # signal numbers this rank has received, in order (appended by the handler only)
+_installed: list[signal.Signals] = []
+
+
+class Stopped(Exception):  # noqa: N818 - not an error: the run stopped on request, with a checkpoint to resume from
+    """Every rank agreed to stop after a stop signal; the checkpoint of `step` is saved and `latest` names it."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped after step {step} on a stop signal; the checkpoint of step {step} is saved")
+        self.step = step
+
+
+def signal_problems(names: list[str]) -> list[str]:
+    """Why some of `names` cannot be stop signals: unknown names, or signals no process can catch."""
+    valid = sorted(s.name for s in signal.Signals if s.name.startswith("SIG") and not s.name.startswith("SIG_")
+                   and s.name not in UNCATCHABLE)
+    return [f"run.stop_signals: {name!r} " + (f"is not a signal name; did you mean {'SIG' + name!r}?"
+                                               if "SIG" + name in valid else
+                                               "cannot be caught" if name in UNCATCHABLE else
+                                               "is not a signal name; use names such as SIGUSR1, SIGUSR2, SIGTERM, "
+                                               "SIGINT, or [] for none")
+            for name in names if name not in valid]
+
+
+def install(names: list[str]) -> None:
+    """Catch the signals `names` on this rank from now on (after failures.start, whose SIGTERM handler they replace)."""
+    _received.clear()
+    _installed[:] = [signal.Signals[name] for name in names]
+    for number in _installed:
+        signal.signal(number, _on_signal)
+
+
+def _on_signal(signum: int, _frame) -> None:
+    if failures.peers_gone():  # the launcher stopping the ranks that are left after a failure
+        failures.exit_on_signal(signum)
+    _received.append(signum)
+
+
+def agreed(device: torch.device) -> bool:
+    """Whether any rank has received a stop signal; every rank calls it at the same step boundary. One all-reduce
+    of one integer, skipped when no stop signal is caught (all ranks read the same config)."""
+    if not _installed:
+        return False
+    flag = torch.tensor([1 if _received else 0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def received() -> str:
+    """The signals this rank has received, for the log: 'SIGUSR1', or 'none here (another rank)'."""
+    return ", ".join(signal.Signals(n).name for n in dict.fromkeys(_received)) or "none here (another rank)"
+
+
+def ignore_further() -> None:
+    """Once the stop is agreed: a later signal (a second warning, or the launcher ending ranks that have not exited
+    yet when the first one has exited with STOPPED_EXIT_CODE) must not change how this rank ends."""
+    for number in _installed:
+        signal.signal(number, signal.SIG_IGN)
