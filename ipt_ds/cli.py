@@ -106,6 +106,9 @@ def _exit(code: int) -> None:
 @_user_errors
 def train(config: str, **overrides):
     """Train with CONFIG (YAML); override any key with --section.key=value."""
+    from ipt_ds import preemption
+
+    preemption.install(preemption.DEFAULT_STOP_SIGNALS)  # before the heavy imports: keep a signal sent at start-up
     from ipt_ds.config import load_config
     from ipt_ds.loop import train as run
 

@@ -11,6 +11,9 @@ The exit status is 75, EX_TEMPFAIL of sysexits.h ("a temporary failure; the user
 neither success (0), a failure (1), a user error (2) nor a death by a signal (128 + N), so a script can tell a run
 that stopped to be continued from one that failed.
 
+`ipt-ds train` catches the default stop signals from its first moment, before the heavy imports, so that a signal
+during start-up is kept for the first step boundary; the config's own list replaces them once it is read.
+
 One exception to "only sets a flag": the `deepspeed` launcher and `srun --kill-on-bad-exit` send SIGTERM to the ranks
 that are left after one has failed. A rank whose peers on this host are gone then leaves at once, as without
 preemption (failures.py); waiting for a step boundary would only wait for a collective that cannot complete.
@@ -18,16 +21,11 @@ preemption (failures.py); waiting for a step boundary would only wait for a coll
 
 from __future__ import annotations
 
-import logging
 import signal
-
-import torch
-
-from ipt_ds import failures
-
-log = logging.getLogger("ipt_ds")
+import sys
 
 STOPPED_EXIT_CODE = 75
+DEFAULT_STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
 UNCATCHABLE = ("SIGKILL", "SIGSTOP")
 _received: list[int] = []  # signal numbers this rank has received, in order (appended by the handler only)
 _installed: list[signal.Signals] = []
@@ -53,23 +51,32 @@ def signal_problems(names: list[str]) -> list[str]:
             for name in names if name not in valid]
 
 
-def install(names: list[str]) -> None:
-    """Catch the signals `names` on this rank from now on (after failures.start, whose SIGTERM handler they replace)."""
-    _received.clear()
-    _installed[:] = [signal.Signals[name] for name in names]
+def install(names) -> None:
+    """Catch the signals `names` on this rank from now on, and only those: a signal caught before (at start-up) that
+    is not among them gets its default action back, and its receipt is forgotten. Call it again after
+    failures.start, whose SIGTERM handler it replaces."""
+    wanted = [signal.Signals[name] for name in names]
     for number in _installed:
+        if number not in wanted:
+            signal.signal(number, signal.SIG_DFL)
+    _received[:] = [n for n in _received if n in wanted]
+    _installed[:] = wanted
+    for number in wanted:
         signal.signal(number, _on_signal)
 
 
 def _on_signal(signum: int, _frame) -> None:
-    if failures.peers_gone():  # the launcher stopping the ranks that are left after a failure
+    failures = sys.modules.get("ipt_ds.failures")  # no import in a handler; before it is loaded, no peers are known
+    if failures is not None and failures.peers_gone():  # the launcher stopping the ranks left after a failure
         failures.exit_on_signal(signum)
     _received.append(signum)
 
 
-def agreed(device: torch.device) -> bool:
+def agreed(device) -> bool:
     """Whether any rank has received a stop signal; every rank calls it at the same step boundary. One all-reduce
-    of one integer, skipped when no stop signal is caught (all ranks read the same config)."""
+    of one integer on `device` (the engine's), skipped when no stop signal is caught (all ranks read one config)."""
+    import torch
+
     if not _installed:
         return False
     flag = torch.tensor([1 if _received else 0], device=device)
