@@ -214,6 +214,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     fp16 = ds_config.get("fp16", {}).get("enabled", False)
     progress = _progress(rank, total_steps, state.step)
     window_start, window_samples, window_loss = time.perf_counter(), 0, torch.zeros(2)  # (sum, count)
+    preemption.start_training()
     while state.step < total_steps:
         engine.train()
         batches = rank_train_batches(lengths, micro_batch_size=cfg.train.micro_batch_size, rank=rank,

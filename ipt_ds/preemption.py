@@ -11,8 +11,11 @@ The exit status is 75, EX_TEMPFAIL of sysexits.h ("a temporary failure; the user
 neither success (0), a failure (1), a user error (2) nor a death by a signal (128 + N), so a script can tell a run
 that stopped to be continued from one that failed.
 
-`ipt-ds train` catches the default stop signals from its first moment, before the heavy imports, so that a signal
-during start-up is kept for the first step boundary; the config's own list replaces them once it is read.
+`ipt-ds train` catches the default stop signals from its first moment, before the heavy imports; the config's own
+list replaces them once it is read. Until training starts they are also blocked: a signal then stays pending and is
+taken at the first step boundary, and the processes a rank starts meanwhile (`ninja` building DeepSpeed's
+communication op, which Slurm signals too, as every process of the job step) inherit the block instead of dying of
+the signal's default action.
 
 One exception to "only sets a flag": the `deepspeed` launcher and `srun --kill-on-bad-exit` send SIGTERM to the ranks
 that are left after one has failed. A rank whose peers on this host are gone then leaves at once, as without
@@ -52,17 +55,26 @@ def signal_problems(names: list[str]) -> list[str]:
 
 
 def install(names) -> None:
-    """Catch the signals `names` on this rank from now on, and only those: a signal caught before (at start-up) that
-    is not among them gets its default action back, and its receipt is forgotten. Call it again after
-    failures.start, whose SIGTERM handler it replaces."""
+    """Catch the signals `names` on this rank from now on, and only those, and block them until `start_training`: a
+    signal caught before that is not among them gets its default action back, and its receipt is forgotten. Call
+    it again after failures.start, whose SIGTERM handler it replaces."""
     wanted = [signal.Signals[name] for name in names]
-    for number in _installed:
-        if number not in wanted:
+    dropped = [number for number in _installed if number not in wanted]
+    for number in dropped:
+        if signal.getsignal(number) is _on_signal:  # (failures.start may have given SIGTERM its own handler)
             signal.signal(number, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, dropped)
     _received[:] = [n for n in _received if n in wanted]
     _installed[:] = wanted
     for number in wanted:
         signal.signal(number, _on_signal)
+    signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+
+
+def start_training() -> None:
+    """Unblock the stop signals: one that came during start-up is taken now, and counts at the first step boundary.
+    (Threads started meanwhile keep them blocked, so that they reach this, the main, thread.)"""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _installed)
 
 
 def _on_signal(signum: int, _frame) -> None:

@@ -226,34 +226,36 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 # ---- Preemption on Slurm: a stop signal, a checkpoint, exit 75, requeue, resume -----------------------------------
 
-# Slurm checks time limits every 30 s, so its warning comes up to 35 s into the job below: the run must still be going
-# then. A constant learning rate makes the first N losses independent of max_steps: one reference serves every length.
-PREEMPT_STEPS = 300
+# A constant learning rate makes the first N losses independent of max_steps: one reference serves every length.
 PREEMPT_FLAGS = ("--optim.schedule=constant", "--train.eval_every=100")
-
-
-def preemption_job(slurm, submit_dir: Path, run_config: Path, run_dir: Path, *sbatch: str, num_steps: int,
-                   **knobs: str) -> str:
-    return submit(slurm, submit_dir, *sbatch, "launchers/slurm/train.sbatch", str(run_config),
-                  f"--run.output_dir={run_dir}", f"--train.max_steps={num_steps}", *PREEMPT_FLAGS, **knobs)
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
 @pytest.fixture(scope="module")
-def preemption_reference(slurm, tmp_path_factory, run_config) -> dict[int, float]:
-    """The uninterrupted run, 2 Slurm tasks with one rank each."""
-    submit_dir = tmp_path_factory.mktemp("preempt-reference")
-    (submit_dir / "logs").mkdir()
-    (submit_dir / "launchers").symlink_to(LAUNCHERS)
-    job = preemption_job(slurm, submit_dir, run_config, submit_dir / "run", "--ntasks-per-node=2",
-                         num_steps=PREEMPT_STEPS)
-    slurm.wait(job)
-    assert slurm.jobs(job) == {job: ("COMPLETED", "0:0")}, (submit_dir / "logs" / f"ipt-train-{job}.out").read_text()
-    return ranks.losses(submit_dir / "run")
+def preemption_reference(slurm, tmp_path_factory, run_config):
+    """reference(n) -> the losses of steps 1..n of an uninterrupted run (2 Slurm tasks, one rank each); a run is
+    started only when no earlier one was long enough."""
+    runs: list[dict[int, float]] = []
+
+    def reference(num_steps: int) -> dict[int, float]:
+        if not runs or len(runs[-1]) < num_steps:
+            submit_dir = tmp_path_factory.mktemp("preempt-reference")
+            (submit_dir / "logs").mkdir()
+            (submit_dir / "launchers").symlink_to(LAUNCHERS)
+            job = submit(slurm, submit_dir, "--ntasks-per-node=2", "launchers/slurm/train.sbatch", str(run_config),
+                         f"--run.output_dir={submit_dir / 'run'}", f"--train.max_steps={num_steps}", *PREEMPT_FLAGS)
+            slurm.wait(job)
+            log = (submit_dir / "logs" / f"ipt-train-{job}.out").read_text()
+            assert slurm.jobs(job) == {job: ("COMPLETED", "0:0")}, log[-4000:]
+            runs.append(ranks.losses(submit_dir / "run"))
+        return {step: loss for step, loss in runs[-1].items() if step <= num_steps}
+
+    return reference
 
 
-def assert_stopped_requeued_and_resumed(slurm, job: str, log: str, run_dir: Path, reference: dict) -> None:
-    """One stop (both ranks after the same step, which `latest` named, exit 75), one requeue, one resume from that
-    step; then the run completes, and every step's loss is the uninterrupted run's, each step logged once."""
+def assert_stopped_requeued_and_resumed(slurm, job: str, log: str, run_dir: Path, reference) -> None:
+    """One stop (both ranks after the same step, exit 75), one requeue, one resume from that step; then the run
+    completes, and every step's loss is the uninterrupted run's, each step logged once."""
     assert slurm.jobs(job) == {job: ("COMPLETED", "0:0")}, log[-4000:]
     assert slurm.restarts(job) == 1, log[-4000:]
     stops = re.findall(r"rank (\d): stopping after step (\d+) on a stop signal \(received here: ([^)]*)\)", log)
@@ -263,8 +265,40 @@ def assert_stopped_requeued_and_resumed(slurm, job: str, log: str, run_dir: Path
     assert "exiting with status 75" in log and f"resumed at step {step}" in log
     assert "--run.resume=true" in log  # the requeued job resumed by itself (SLURM_RESTART_COUNT)
     losses = ranks.losses(run_dir)  # asserts that no step was logged twice
-    assert losses == {s: reference[s] for s in range(1, len(losses) + 1)}, f"stopped after step {step}"
+    assert losses == reference(len(losses)), f"stopped after step {step}"
     assert (run_dir / "results.json").exists()
+
+
+def test_time_limit_warning_stops_requeues_and_resumes_the_exact_losses(slurm, submit_dir, run_config,
+                                                                        preemption_reference):
+    """--time=2 with the warning 110 s before the end: Slurm signals every rank (2 tasks) 10 to 40 s in (it checks
+    time limits every 30 s), in start-up (the signal is kept for the first step) or in training. The run is too long
+    to end first. Once the job is requeued, the test (holding it meanwhile) sets the run's length in its YAML to 20
+    steps past the stop (a resumed run may change train.max_steps) and gives the job 10 minutes, so that the next
+    allocation finishes instead of being warned again."""
+    run_dir = submit_dir / "run"
+    config = yaml.safe_load(run_config.read_text())
+    config["train"]["max_steps"] = 100_000
+    write_config(submit_dir / "cfg.yaml", config)
+    job = submit(slurm, submit_dir, "--ntasks-per-node=2", "--time=2", "--signal=USR1@110",
+                 "launchers/slurm/train.sbatch", str(submit_dir / "cfg.yaml"), f"--run.output_dir={run_dir}",
+                 *PREEMPT_FLAGS)
+    deadline = time.monotonic() + 300
+    while not slurm.restarts(job):
+        state = slurm.jobs(job)[job][0]
+        assert time.monotonic() < deadline and state not in ENDED, \
+            f"{state}\n" + (submit_dir / "logs" / f"ipt-train-{job}.out").read_text()[-4000:]
+        time.sleep(0.2)
+    slurm.run("scontrol", "hold", job)
+    stopped_at = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step"))
+    config["train"]["max_steps"] = stopped_at + 20
+    write_config(submit_dir / "cfg.yaml", config)
+    slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
+    slurm.run("scontrol", "release", job)
+    slurm.wait(job)
+    log = (submit_dir / "logs" / f"ipt-train-{job}.out").read_text()
+    assert_stopped_requeued_and_resumed(slurm, job, log, run_dir, preemption_reference)
+    assert max(ranks.losses(run_dir)) == stopped_at + 20
 
 
 def test_scancel_usr1_stops_requeues_and_resumes_the_exact_losses(slurm, submit_dir, run_config,
@@ -272,36 +306,14 @@ def test_scancel_usr1_stops_requeues_and_resumes_the_exact_losses(slurm, submit_
     """`scancel --signal=USR1` mid-run, with the deepspeed launcher in the job step (LAUNCH=per-node): the launcher
     ignores the signal, its ranks stop; the job requeues itself, and the next allocation resumes and finishes."""
     run_dir = submit_dir / "run"
-    job = preemption_job(slurm, submit_dir, run_config, run_dir, "--ntasks-per-node=1", num_steps=60,
-                         LAUNCH="per-node", NGPUS="2")
+    job = submit(slurm, submit_dir, "--ntasks-per-node=1", "launchers/slurm/train.sbatch", str(run_config),
+                 f"--run.output_dir={run_dir}", "--train.max_steps=60", *PREEMPT_FLAGS, LAUNCH="per-node", NGPUS="2")
     deadline = time.monotonic() + 300
     while not any(step >= 3 for step in logged_steps(run_dir)):
-        assert time.monotonic() < deadline and slurm.jobs(job)[job][0] in ("PENDING", "RUNNING"), slurm.logs()
+        assert time.monotonic() < deadline and slurm.jobs(job)[job][0] not in ENDED, slurm.logs()
         time.sleep(0.05)
     slurm.run("scancel", "--signal=USR1", job)
     slurm.wait(job)
     log = (submit_dir / "logs" / f"ipt-train-{job}.out").read_text()
     assert_stopped_requeued_and_resumed(slurm, job, log, run_dir, preemption_reference)
     assert max(ranks.losses(run_dir)) == 60
-
-
-def test_time_limit_warning_stops_requeues_and_resumes_the_exact_losses(slurm, submit_dir, run_config,
-                                                                        preemption_reference):
-    """--time=2 with the warning 115 s before the end: Slurm signals every rank (2 tasks) 5 to 35 s in, in start-up
-    (kept for the first step) or in training. Once the job is requeued the test gives it 10 minutes, so that the next
-    allocation runs to the end instead of being warned again."""
-    run_dir = submit_dir / "run"
-    job = preemption_job(slurm, submit_dir, run_config, run_dir, "--ntasks-per-node=2", "--time=2",
-                         "--signal=USR1@115", num_steps=PREEMPT_STEPS)
-    deadline = time.monotonic() + 300
-    while not slurm.restarts(job):
-        state = slurm.jobs(job)[job][0]
-        assert time.monotonic() < deadline and state in ("PENDING", "RUNNING", "COMPLETING"), \
-            f"{state} before Slurm's warning came; more steps?\n" + \
-            (submit_dir / "logs" / f"ipt-train-{job}.out").read_text()[-4000:]
-        time.sleep(0.2)
-    slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
-    slurm.wait(job)
-    log = (submit_dir / "logs" / f"ipt-train-{job}.out").read_text()
-    assert_stopped_requeued_and_resumed(slurm, job, log, run_dir, preemption_reference)
-    assert max(ranks.losses(run_dir)) == PREEMPT_STEPS
