@@ -115,6 +115,12 @@ class SlurmCluster:
         """How many times the job has been requeued (0 until then)."""
         return int(self._show_jobs(job_id)[0]["Restarts"])
 
+    def run_time_s(self, job_id: str) -> int:
+        """Seconds the job has been running in its current allocation."""
+        days, _, clock = self._show_jobs(job_id)[0]["RunTime"].rpartition("-")
+        hours, minutes, seconds = (int(part) for part in clock.split(":"))
+        return int(days or 0) * 86400 + hours * 3600 + minutes * 60 + seconds
+
     def array_jobs(self, job_id: str) -> dict[int, str]:
         """{array index: job id} for the tasks of an array job."""
         return {int(job["ArrayTaskId"]): job["JobId"] for job in self._show_jobs(job_id)}

@@ -271,23 +271,29 @@ def assert_stopped_requeued_and_resumed(slurm, job: str, log: str, run_dir: Path
 
 def test_time_limit_warning_stops_requeues_and_resumes_the_exact_losses(slurm, submit_dir, run_config,
                                                                         preemption_reference):
-    """--time=2 with the warning 110 s before the end: Slurm signals every rank (2 tasks) 10 to 40 s in (it checks
-    time limits every 30 s), in start-up (the signal is kept for the first step) or in training. The run is too long
-    to end first. Once the job is requeued, the test (holding it meanwhile) sets the run's length in its YAML to 20
-    steps past the stop (a resumed run may change train.max_steps) and gives the job 10 minutes, so that the next
-    allocation finishes instead of being warned again."""
+    """A job asks for the warning 120 s before its time limit (--signal=USR1@120). Once it trains, the test shortens
+    its limit to between 60 and 120 s from now: Slurm, which checks time limits every 30 s, signals every rank (2
+    tasks) within 30 s, and the run (too long to end first) stops, saves and requeues the job. The test then holds
+    the job, sets the run's length in its YAML to 20 steps past the stop (a resumed run may change train.max_steps)
+    and gives the job 10 minutes, so that the next allocation finishes instead of being warned again. (Shortening
+    the limit once training runs keeps the warning out of start-up, where DeepSpeed may be compiling its
+    communication op: Slurm signals the compiler too.)"""
     run_dir = submit_dir / "run"
     config = yaml.safe_load(run_config.read_text())
     config["train"]["max_steps"] = 100_000
     write_config(submit_dir / "cfg.yaml", config)
-    job = submit(slurm, submit_dir, "--ntasks-per-node=2", "--time=2", "--signal=USR1@110",
+    job = submit(slurm, submit_dir, "--ntasks-per-node=2", "--time=10", "--signal=USR1@120",
                  "launchers/slurm/train.sbatch", str(submit_dir / "cfg.yaml"), f"--run.output_dir={run_dir}",
                  *PREEMPT_FLAGS)
+    log_path = submit_dir / "logs" / f"ipt-train-{job}.out"
     deadline = time.monotonic() + 300
+    while not any(step >= 3 for step in logged_steps(run_dir)):
+        assert time.monotonic() < deadline and slurm.jobs(job)[job][0] not in ENDED, log_path.read_text()[-4000:]
+        time.sleep(0.05)
+    slurm.run("scontrol", "update", f"JobId={job}", f"TimeLimit={slurm.run_time_s(job) // 60 + 2}")
     while not slurm.restarts(job):
         state = slurm.jobs(job)[job][0]
-        assert time.monotonic() < deadline and state not in ENDED, \
-            f"{state}\n" + (submit_dir / "logs" / f"ipt-train-{job}.out").read_text()[-4000:]
+        assert time.monotonic() < deadline and state not in ENDED, f"{state}\n{log_path.read_text()[-4000:]}"
         time.sleep(0.2)
     slurm.run("scontrol", "hold", job)
     stopped_at = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step"))
@@ -296,7 +302,8 @@ def test_time_limit_warning_stops_requeues_and_resumes_the_exact_losses(slurm, s
     slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
     slurm.run("scontrol", "release", job)
     slurm.wait(job)
-    log = (submit_dir / "logs" / f"ipt-train-{job}.out").read_text()
+    log = log_path.read_text()
+    assert "DUE TO TIME LIMIT" not in log
     assert_stopped_requeued_and_resumed(slurm, job, log, run_dir, preemption_reference)
     assert max(ranks.losses(run_dir)) == stopped_at + 20
 
