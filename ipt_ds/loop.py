@@ -293,15 +293,15 @@ def _stop(engine, state: TrainState, out: Path, rank: int, *, saved: bool) -> No
     then raise `Stopped`, which exits with status 75 (preemption.py). No evaluation: a resume goes on as if never
     stopped, evaluating at the same steps."""
     preemption.ignore_further()
-    log.warning("rank %d: stopping after step %d on a stop signal (received here: %s); saving a checkpoint", rank,
-                state.step, preemption.received())
+    log.warning("rank %d: stopping after step %d on a stop signal (%s); saving a checkpoint", rank, state.step,
+                preemption.received())
     if not saved:
         _check_finite_weights(engine, state, out)
         checkpoint.save_resume_state(engine, out / "checkpoints", state.step,
                                      {"train_state": dataclasses.asdict(state)}, rank=rank)
     if rank == 0:
-        log.warning("checkpoint of step %d saved, `latest` names it; exiting with status %d. Resume with the same "
-                    "command and --run.resume=true", state.step, preemption.STOPPED_EXIT_CODE)
+        log.warning("checkpoint of step %d saved, `latest` names it; exiting with status %d, to be resumed "
+                    "(run.resume=true)", state.step, preemption.STOPPED_EXIT_CODE)
     raise preemption.Stopped(state.step)
 
 

@@ -44,14 +44,16 @@ class Stopped(Exception):  # noqa: N818 - not an error: the run stopped on reque
 
 def signal_problems(names: list[str]) -> list[str]:
     """Why some of `names` cannot be stop signals: unknown names, or signals no process can catch."""
-    valid = sorted(s.name for s in signal.Signals if s.name.startswith("SIG") and not s.name.startswith("SIG_")
-                   and s.name not in UNCATCHABLE)
-    return [f"run.stop_signals: {name!r} " + (f"is not a signal name; did you mean {'SIG' + name!r}?"
-                                               if "SIG" + name in valid else
-                                               "cannot be caught" if name in UNCATCHABLE else
-                                               "is not a signal name; use names such as SIGUSR1, SIGUSR2, SIGTERM, "
-                                               "SIGINT, or [] for none")
-            for name in names if name not in valid]
+    valid = {s.name for s in signal.Signals} - set(UNCATCHABLE)
+    return [f"run.stop_signals: {name!r} {_why_not(name, valid)}" for name in names if name not in valid]
+
+
+def _why_not(name: str, valid: set[str]) -> str:
+    if name in UNCATCHABLE:
+        return "cannot be caught"
+    if f"SIG{name}" in valid:
+        return f"is not a signal name; did you mean 'SIG{name}'?"
+    return "is not a signal name; use names such as SIGUSR1, SIGUSR2, SIGTERM, SIGINT, or [] for none"
 
 
 def install(names) -> None:
@@ -97,8 +99,9 @@ def agreed(device) -> bool:
 
 
 def received() -> str:
-    """The signals this rank has received, for the log: 'SIGUSR1', or 'none here (another rank)'."""
-    return ", ".join(signal.Signals(n).name for n in dict.fromkeys(_received)) or "none here (another rank)"
+    """Which signal stopped the run, for the log: 'SIGUSR1 received here', or 'received by another rank'."""
+    names = ", ".join(signal.Signals(n).name for n in dict.fromkeys(_received))
+    return f"{names} received here" if names else "received by another rank"
 
 
 def ignore_further() -> None:
