@@ -284,6 +284,10 @@ def _evaluate_and_save(engine, recipe: Recipe, state, out, meta, writer, rank) -
     if selection > state.best_metric:
         state.best_metric, state.best_step = selection, state.step
         recipe.export(engine, out / "best", {**meta, "step": state.step, "eval": metrics}, rank)
+    _save_checkpoint(engine, state, out, rank)
+
+
+def _save_checkpoint(engine, state: TrainState, out: Path, rank: int) -> None:
     checkpoint.save_resume_state(engine, out / "checkpoints", state.step, {"train_state": dataclasses.asdict(state)},
                                  rank=rank)
 
@@ -297,8 +301,7 @@ def _stop(engine, state: TrainState, out: Path, rank: int, *, saved: bool) -> No
                 preemption.received())
     if not saved:
         _check_finite_weights(engine, state, out)
-        checkpoint.save_resume_state(engine, out / "checkpoints", state.step,
-                                     {"train_state": dataclasses.asdict(state)}, rank=rank)
+        _save_checkpoint(engine, state, out, rank)
     if rank == 0:
         log.warning("checkpoint of step %d saved, `latest` names it; exiting with status %d, to be resumed "
                     "(run.resume=true)", state.step, preemption.STOPPED_EXIT_CODE)
