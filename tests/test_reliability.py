@@ -12,6 +12,8 @@ import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -125,6 +127,25 @@ def test_sigusr1_to_one_rank_stops_every_rank_at_one_step_then_resume_repeats_th
     finish(resumed)
     assert f"resumed at step {step}" in resumed.output()
     assert ranks.losses(out) == reference, f"stopped after step {step}"
+
+
+def test_a_stop_signal_in_start_up_is_held_for_training_and_spares_the_processes_a_rank_starts():
+    """In this process: SIGUSR1 to a child started during start-up (as `ninja` building an op, which Slurm signals
+    too) does not kill it, and SIGUSR1 to this process stays pending until training starts, then counts."""
+    from ipt_ds import preemption
+
+    preemption.install(preemption.DEFAULT_STOP_SIGNALS)
+    try:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+        os.kill(child.pid, signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert child.wait(timeout=30) == 0
+        assert preemption.received() == "received by another rank"  # held: nothing noted yet
+        preemption.start_training()
+        assert preemption.received() == "SIGUSR1 received here"
+    finally:
+        preemption.install([])  # default actions back, nothing blocked
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL and not signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
 
 def test_an_exception_in_one_rank_stops_every_rank_under_the_launcher(setup):
