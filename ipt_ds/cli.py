@@ -58,8 +58,9 @@ def _shutdown_distributed() -> None:
 
 def _user_errors(command):
     """Run a command; a user error prints one clear message and exits 2 (the traceback only with --run.debug).
-    Any other failure logs `rank R failed at step S: ...` with its traceback and exits 1. A rank that joined a process
-    group leaves at once either way, so that no teardown waits on peers (see failures.py)."""
+    A run stopped by a stop signal exits 75 (preemption.py). Any other failure logs `rank R failed at step S: ...`
+    with its traceback and exits 1. A rank that joined a process group leaves at once either way, so that no teardown
+    waits on peers (see failures.py)."""
     @functools.wraps(command)  # fire's --help shows the command's docstring and arguments
     def wrapped(*args, **overrides):
         _setup(overrides)
@@ -75,7 +76,11 @@ def _user_errors(command):
             _exit(2)
         except Exception as err:
             from ipt_ds.failures import failure_message
+            from ipt_ds.preemption import STOPPED_EXIT_CODE, Stopped
 
+            if isinstance(err, Stopped):  # a stop signal: the checkpoint is saved, every rank leaves together
+                _shutdown_distributed()
+                _exit(STOPPED_EXIT_CODE)
             logging.getLogger("ipt_ds").exception(failure_message(err))
             _exit(1)
 
@@ -133,6 +138,9 @@ def _exit(code: int) -> None:
 @_user_errors
 def train(config: str, **overrides):
     """Train with CONFIG (YAML); override any key with --section.key=value."""
+    from ipt_ds import preemption
+
+    preemption.install(preemption.DEFAULT_STOP_SIGNALS)  # before the heavy imports: keep a signal sent at start-up
     from ipt_ds.config import load_config
     from ipt_ds.loop import train as run
 

@@ -18,6 +18,7 @@ from ipt_ds.confload import ConfigError, at_least, build, convert, load_yaml_wit
 from ipt_ds.generation import GenerationConfig
 from ipt_ds.heads import HeadConfig
 from ipt_ds.methods import MethodConfig, get_method
+from ipt_ds.preemption import DEFAULT_STOP_SIGNALS, signal_problems
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,12 +39,16 @@ class RunConfig:
     """Show full tracebacks for user errors."""
     collective_timeout_s: float = 1800.0
     """Seconds a collective may wait for the other ranks before this rank fails (bounds a hung or lost peer)."""
+    stop_signals: list[str] = field(default_factory=lambda: list(DEFAULT_STOP_SIGNALS))
+    """Signals that stop the run cleanly: after the current step every rank saves a checkpoint, `latest` names it,
+    and the process exits with status 75, to be resumed (Slurm's warning before a time limit, preemption;
+    docs/launching.md). []: none (SIGTERM then ends a rank at once)."""
 
     def validate(self) -> list[str]:
         problems = at_least(self, "run", 1, "log_every") + at_least(self, "run", 0, "seed")
         if not self.collective_timeout_s > 0:  # `not >` also catches nan
             problems.append(f"run.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
-        return problems
+        return problems + signal_problems(self.stop_signals)
 
 
 @dataclass(kw_only=True)

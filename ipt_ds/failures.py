@@ -36,12 +36,13 @@ FAULT_KINDS = ("raise", "hang", "nan", "kill_in_save")
 
 
 def start(rank: int, world: int) -> None:
-    """Record every rank's (host, pid) and stop cleanly on SIGTERM; call once, on every rank, after init."""
+    """Record every rank's (host, pid) and stop cleanly on SIGTERM (unless `run.stop_signals` catches it: see
+    preemption.py); call once, on every rank, after init."""
     _rank.update(rank=rank, world=world)
     peers: list = [None] * world
     torch.distributed.all_gather_object(peers, (socket.gethostname(), os.getpid()))
     _rank["peers"] = peers
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_signal)
 
 
 def begin_step(step: int) -> None:
@@ -122,9 +123,10 @@ def failure_message(err: BaseException) -> str:
     return text
 
 
-def _on_sigterm(signum, _frame) -> None:
+def exit_on_signal(signum: int, _frame=None) -> None:
+    """Leave at once, logging the signal and the peers already gone (the launcher stopping the ranks left)."""
     gone = peers_gone()
-    log.error("rank %d stopped by SIGTERM at step %d%s", _rank["rank"], _rank["step"],
+    log.error("rank %d stopped by %s at step %d%s", _rank["rank"], signal.Signals(signum).name, _rank["step"],
               f" after peer ranks ended: {', '.join(gone)}" if gone else "")
     exit_now(128 + signum)
 

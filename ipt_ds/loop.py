@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 import yaml
 
-from ipt_ds import checkpoint, failures
+from ipt_ds import checkpoint, failures, preemption
 from ipt_ds.config import Config
 from ipt_ds.data.encode import TextEncoder, collate
 from ipt_ds.data.images import IMAGE_FORMATS
@@ -175,6 +175,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
                   else GenerationRecipe(cfg) if get_task(cfg.data.task).generation else TaskRecipe(cfg))
     rank, world = init_distributed(cfg.run.collective_timeout_s)
     failures.start(rank, world)
+    preemption.install(cfg.run.stop_signals)
     out = check_run_dir(cfg, world)  # nothing on disk changes before data, model and engine are built
     torch.manual_seed(cfg.run.seed)
     ds_config = resolve_ds_config(cfg, world_size=world)
@@ -218,6 +219,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     fp16 = ds_config.get("fp16", {}).get("enabled", False)
     progress = _progress(rank, total_steps, state.step)
     window_start, window_samples, window_loss = time.perf_counter(), 0, torch.zeros(2)  # (sum, count)
+    preemption.start_training()
     while state.step < total_steps:
         engine.train()
         batches = rank_train_batches(lengths, micro_batch_size=cfg.train.micro_batch_size, rank=rank,
@@ -245,9 +247,12 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
                 window_start, window_samples, window_loss = time.perf_counter(), 0, torch.zeros(2)  # (sum, count)
             if progress:
                 progress.update(1)
-            if state.step % eval_every == 0 or state.step == total_steps:
+            saved = state.step % eval_every == 0 or state.step == total_steps
+            if saved:
                 _evaluate_and_save(engine, recipe, state, out, meta, writer, rank)
                 engine.train()
+            if state.step < total_steps and preemption.agreed(engine.device):  # every rank, after every step
+                _stop(engine, state, out, rank, saved=saved)
         if state.micro_in_epoch >= len(batches):
             state.epoch, state.micro_in_epoch = state.epoch + 1, 0
     if progress:
@@ -269,10 +274,14 @@ def _nonfinite_step(cfg: Config, state: TrainState, out: Path, *, withheld: bool
                 state.num_skipped)
 
 
-def _evaluate_and_save(engine, recipe: Recipe, state, out, meta, writer, rank) -> None:
+def _check_finite_weights(engine, state: TrainState, out: Path) -> None:
     if not checkpoint.trainable_weights_finite(engine.module, engine.device):
         raise NonFiniteError(f"step {state.step}: the trained weights hold NaN/inf; no checkpoint or export is "
                              f"written (those in '{out}' are from earlier steps). Lower optim.lr or check the inputs")
+
+
+def _evaluate_and_save(engine, recipe: Recipe, state, out, meta, writer, rank) -> None:
+    _check_finite_weights(engine, state, out)
     metrics = recipe.evaluate(engine)
     selection = next(iter(metrics.values()))
     _log_scalars(writer, state, {f"eval/{k}": v for k, v in metrics.items()}, out)
@@ -280,8 +289,28 @@ def _evaluate_and_save(engine, recipe: Recipe, state, out, meta, writer, rank) -
     if selection > state.best_metric:
         state.best_metric, state.best_step = selection, state.step
         recipe.export(engine, out / "best", {**meta, "step": state.step, "eval": metrics}, rank)
+    _save_checkpoint(engine, state, out, rank)
+
+
+def _save_checkpoint(engine, state: TrainState, out: Path, rank: int) -> None:
     checkpoint.save_resume_state(engine, out / "checkpoints", state.step, {"train_state": dataclasses.asdict(state)},
                                  rank=rank)
+
+
+def _stop(engine, state: TrainState, out: Path, rank: int, *, saved: bool) -> None:
+    """Every rank agreed to stop (a stop signal reached one of them): checkpoint this step unless it was just saved,
+    then raise `Stopped`, which exits with status 75 (preemption.py). No evaluation: a resume goes on as if never
+    stopped, evaluating at the same steps."""
+    preemption.ignore_further()
+    log.warning("rank %d: stopping after step %d on a stop signal (%s); saving a checkpoint", rank, state.step,
+                preemption.received())
+    if not saved:
+        _check_finite_weights(engine, state, out)
+        _save_checkpoint(engine, state, out, rank)
+    if rank == 0:
+        log.warning("checkpoint of step %d saved, `latest` names it; exiting with status %d, to be resumed "
+                    "(run.resume=true)", state.step, preemption.STOPPED_EXIT_CODE)
+    raise preemption.Stopped(state.step)
 
 
 def _finish(engine, encoder, task, eval_examples, test_examples, cfg, state, out, rank) -> dict:

@@ -18,6 +18,10 @@
 #   HOSTFILE=hosts NUM_NODES=2 NODE_RANK=0 MASTER_ADDR=node0 launchers/deepspeed.sh train cfg.yaml   # on node0
 #   HOSTFILE=hosts NUM_NODES=2 NODE_RANK=1 MASTER_ADDR=node0 launchers/deepspeed.sh train cfg.yaml   # on node1
 set -euo pipefail
+# The launcher ignores SIGUSR1 (by default it would die of it): a SIGUSR1 sent to every process, by Slurm or to the
+# process group, then reaches only the ranks, which stop cleanly (run.stop_signals); they inherit the ignore until
+# their own handler is installed.
+trap '' USR1
 exec "${DEEPSPEED:-deepspeed}" \
     ${NGPUS:+"--num_gpus=$NGPUS"} \
     ${HOSTFILE:+"--hostfile=$HOSTFILE"} \

@@ -11,6 +11,9 @@ from __future__ import annotations
 def pretrain(config: str, **overrides):
     """Pretrain IPT instance prompts (table and generator) with CONFIG (YAML); override any key with
     --section.key=value. Writes RUN/best (the artifact for method.emb_checkpoints), checkpoints and logs."""
+    from ipt_ds import preemption
+
+    preemption.install(preemption.DEFAULT_STOP_SIGNALS)  # before the heavy imports: keep a signal sent at start-up
     from ipt_ds.loop import train
     from pretrain.config import load_pretrain_config
     from pretrain.objectives import recipe_for

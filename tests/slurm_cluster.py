@@ -39,7 +39,8 @@ def _slurm_conf(root: Path, munge_socket: Path) -> str:
         f"SlurmdUser={getpass.getuser()}",
         "AuthType=auth/munge",
         "CredType=cred/munge",
-        f"AuthInfo=socket={munge_socket}",
+        # cred_expire: how long a requeued job waits before it may start again (120 s by default)
+        f"AuthInfo=socket={munge_socket},cred_expire=5",
         "MpiDefault=none",
         "MailProg=/bin/true",
         "ProctrackType=proctrack/linuxproc",
@@ -48,6 +49,7 @@ def _slurm_conf(root: Path, munge_socket: Path) -> str:
         "AccountingStorageType=accounting_storage/none",
         "JobCompType=jobcomp/none",
         "SchedulerType=sched/backfill",
+        "SchedulerParameters=bf_interval=1,sched_interval=2",  # a requeued job starts once it may, not up to 60 s later
         "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_Core",
         "SlurmdParameters=config_overrides",  # trust the node line below whatever the host's CPU topology
@@ -108,6 +110,16 @@ class SlurmCluster:
     def jobs(self, job_id: str) -> dict[str, tuple[str, str]]:
         """{job id: (state, exit code)} for a job, or for each task of an array; exit code 2:0 means status 2."""
         return {job["JobId"]: (job["JobState"], job["ExitCode"]) for job in self._show_jobs(job_id)}
+
+    def restarts(self, job_id: str) -> int:
+        """How many times the job has been requeued (0 until then)."""
+        return int(self._show_jobs(job_id)[0]["Restarts"])
+
+    def run_time_s(self, job_id: str) -> int:
+        """Seconds the job has been running in its current allocation."""
+        days, _, clock = self._show_jobs(job_id)[0]["RunTime"].rpartition("-")
+        hours, minutes, seconds = (int(part) for part in clock.split(":"))
+        return int(days or 0) * 86400 + hours * 3600 + minutes * 60 + seconds
 
     def array_jobs(self, job_id: str) -> dict[int, str]:
         """{array index: job id} for the tasks of an array job."""

@@ -99,6 +99,16 @@ def test_show_config_cli_and_error_exit(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+def test_stop_signals_are_signal_names_that_can_be_caught():
+    assert load_config(None, {"run.stop_signals": "SIGUSR2,SIGINT"}).run.stop_signals == ["SIGUSR2", "SIGINT"]
+    assert load_config(None, {"run.stop_signals": "[]"}).run.stop_signals == []
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"run.stop_signals": "USR1,SIGKILL,SIGNOPE"})
+    assert "run.stop_signals: 'USR1' is not a signal name; did you mean 'SIGUSR1'?" in str(err.value)
+    assert "run.stop_signals: 'SIGKILL' cannot be caught" in str(err.value)
+    assert "run.stop_signals: 'SIGNOPE' is not a signal name; use names such as SIGUSR1" in str(err.value)
+
+
 def test_config_reference_is_current():
     from ipt_ds.configdoc import render
 

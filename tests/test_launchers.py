@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests import slurm_cluster
+from tests import ranks, slurm_cluster
 from tests.conftest import REPO, read_log, write_config, write_entailment_task
 
 LAUNCHERS = REPO / "launchers"
@@ -222,3 +222,105 @@ def logged_steps(run_dir: Path) -> list[int]:
     path = run_dir / "log.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
     return [json.loads(line)["step"] for line in lines if line.endswith("}")]
+
+
+# ---- Preemption on Slurm: a stop signal, a checkpoint, exit 75, requeue, resume -----------------------------------
+
+# A constant learning rate makes the first N losses independent of max_steps: one reference serves every length.
+PREEMPT_FLAGS = ("--optim.schedule=constant", "--train.eval_every=100")
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+@pytest.fixture(scope="module")
+def preemption_reference(slurm, tmp_path_factory, run_config):
+    """reference(n) -> the losses of steps 1..n of an uninterrupted run (2 Slurm tasks, one rank each); a run is
+    started only when no earlier one was long enough."""
+    runs: list[dict[int, float]] = []
+
+    def reference(num_steps: int) -> dict[int, float]:
+        if not runs or len(runs[-1]) < num_steps:
+            submit_dir = tmp_path_factory.mktemp("preempt-reference")
+            (submit_dir / "logs").mkdir()
+            (submit_dir / "launchers").symlink_to(LAUNCHERS)
+            job = submit(slurm, submit_dir, "--ntasks-per-node=2", "launchers/slurm/train.sbatch", str(run_config),
+                         f"--run.output_dir={submit_dir / 'run'}", f"--train.max_steps={num_steps}", *PREEMPT_FLAGS)
+            slurm.wait(job)
+            log = (submit_dir / "logs" / f"ipt-train-{job}.out").read_text()
+            assert slurm.jobs(job) == {job: ("COMPLETED", "0:0")}, log[-4000:]
+            runs.append(ranks.losses(submit_dir / "run"))
+        return {step: loss for step, loss in runs[-1].items() if step <= num_steps}
+
+    return reference
+
+
+def assert_stopped_requeued_and_resumed(slurm, job: str, log: str, run_dir: Path, reference) -> None:
+    """One stop (both ranks after the same step, exit 75), one requeue, one resume from that step; then the run
+    completes, and every step's loss is the uninterrupted run's, each step logged once."""
+    assert slurm.jobs(job) == {job: ("COMPLETED", "0:0")}, log[-4000:]
+    assert slurm.restarts(job) == 1, log[-4000:]
+    stops = re.findall(r"rank (\d): stopping after step (\d+) on a stop signal \(([^)]*)\)", log)
+    assert sorted(rank for rank, _, _ in stops) == ["0", "1"] and len({step for _, step, _ in stops}) == 1, log[-4000:]
+    assert all(received == "SIGUSR1 received here" for _, _, received in stops)  # Slurm signals every rank
+    step = int(stops[0][1])
+    assert "exiting with status 75" in log and f"resumed at step {step}" in log
+    assert "--run.resume=true" in log  # the requeued job resumed by itself (SLURM_RESTART_COUNT)
+    losses = ranks.losses(run_dir)  # asserts that no step was logged twice
+    assert losses == reference(len(losses)), f"stopped after step {step}"
+    assert (run_dir / "results.json").exists()
+
+
+def test_time_limit_warning_stops_requeues_and_resumes_the_exact_losses(slurm, submit_dir, run_config,
+                                                                        preemption_reference):
+    """A job asks for the warning 120 s before its time limit (--signal=USR1@120). Once it trains, the test shortens
+    its limit to between 60 and 120 s from now: Slurm, which checks time limits every 30 s, signals every rank (2
+    tasks) within 30 s, and the run (too long to end first) stops, saves and requeues the job. The test then holds
+    the job, sets the run's length in its YAML to 20 steps past the stop (a resumed run may change train.max_steps)
+    and gives the job 10 minutes, so that the next allocation finishes instead of being warned again. (Shortening
+    the limit once training runs keeps the warning out of start-up, where DeepSpeed may be compiling its
+    communication op: Slurm signals the compiler too.)"""
+    run_dir = submit_dir / "run"
+    config = yaml.safe_load(run_config.read_text())
+    config["train"]["max_steps"] = 100_000
+    write_config(submit_dir / "cfg.yaml", config)
+    job = submit(slurm, submit_dir, "--ntasks-per-node=2", "--time=10", "--signal=USR1@120",
+                 "launchers/slurm/train.sbatch", str(submit_dir / "cfg.yaml"), f"--run.output_dir={run_dir}",
+                 *PREEMPT_FLAGS)
+    log_path = submit_dir / "logs" / f"ipt-train-{job}.out"
+    deadline = time.monotonic() + 300
+    while not any(step >= 3 for step in logged_steps(run_dir)):
+        assert time.monotonic() < deadline and slurm.jobs(job)[job][0] not in ENDED, log_path.read_text()[-4000:]
+        time.sleep(0.05)
+    slurm.run("scontrol", "update", f"JobId={job}", f"TimeLimit={slurm.run_time_s(job) // 60 + 2}")
+    while not slurm.restarts(job):
+        state = slurm.jobs(job)[job][0]
+        assert time.monotonic() < deadline and state not in ENDED, f"{state}\n{log_path.read_text()[-4000:]}"
+        time.sleep(0.2)
+    slurm.run("scontrol", "hold", job)
+    stopped_at = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step"))
+    config["train"]["max_steps"] = stopped_at + 20
+    write_config(submit_dir / "cfg.yaml", config)
+    slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
+    slurm.run("scontrol", "release", job)
+    slurm.wait(job)
+    log = log_path.read_text()
+    assert "DUE TO TIME LIMIT" not in log
+    assert_stopped_requeued_and_resumed(slurm, job, log, run_dir, preemption_reference)
+    assert max(ranks.losses(run_dir)) == stopped_at + 20
+
+
+def test_scancel_usr1_stops_requeues_and_resumes_the_exact_losses(slurm, submit_dir, run_config,
+                                                                  preemption_reference):
+    """`scancel --signal=USR1` mid-run, with the deepspeed launcher in the job step (LAUNCH=per-node): the launcher
+    ignores the signal, its ranks stop; the job requeues itself, and the next allocation resumes and finishes."""
+    run_dir = submit_dir / "run"
+    job = submit(slurm, submit_dir, "--ntasks-per-node=1", "launchers/slurm/train.sbatch", str(run_config),
+                 f"--run.output_dir={run_dir}", "--train.max_steps=60", *PREEMPT_FLAGS, LAUNCH="per-node", NGPUS="2")
+    deadline = time.monotonic() + 300
+    while not any(step >= 3 for step in logged_steps(run_dir)):
+        assert time.monotonic() < deadline and slurm.jobs(job)[job][0] not in ENDED, slurm.logs()
+        time.sleep(0.05)
+    slurm.run("scancel", "--signal=USR1", job)
+    slurm.wait(job)
+    log = (submit_dir / "logs" / f"ipt-train-{job}.out").read_text()
+    assert_stopped_requeued_and_resumed(slurm, job, log, run_dir, preemption_reference)
+    assert max(ranks.losses(run_dir)) == 60

@@ -8,8 +8,12 @@ failure is the trainer itself. Full fine-tuning with dropout on: an exact resume
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import signal
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -93,6 +97,55 @@ def test_sigkill_of_one_rank_in_a_save_then_resume_repeats_the_losses_bitwise(se
     assert f"resumed at step {kill_at - 1}" in resumed.output()
     assert ranks.losses(out) == reference, f"killed in the save of step {kill_at}"  # each step logged once
     assert [p.name for p in checkpoints.glob("step*")] == [f"step{NUM_STEPS}"]
+
+
+def test_sigusr1_to_one_rank_stops_every_rank_at_one_step_then_resume_repeats_the_losses(setup, reference):
+    """SIGUSR1 to rank 1 only, under the `deepspeed` launcher, at a random step: both ranks stop after the same step,
+    which is checkpointed although it is no evaluation step, `latest` names it, the launcher exits 75; the resumed
+    run completes the uninterrupted run's losses bit for bit, each step logged once."""
+    from ipt_ds.preemption import STOPPED_EXIT_CODE
+
+    tmp, cfg = setup
+    out = tmp / "stopped"
+    signal_at = random.randint(1, NUM_STEPS - 3)
+    run = start(cfg, out, "--train.eval_every=4", launcher=True)  # evaluations (and their saves) at steps 4 and 8
+    ranks.wait_for_step(out, signal_at, run)
+    os.kill(run.rank_pid(1), signal.SIGUSR1)
+    assert run.wait(120) == [STOPPED_EXIT_CODE], run.output()[-3000:]
+    output = run.output()
+    stops = {int(rank): int(step) for rank, step in
+             re.findall(r"rank (\d): stopping after step (\d+) on a stop signal", output)}
+    assert stops.keys() == {0, 1} and len(set(stops.values())) == 1, output[-3000:]
+    assert f"rank 1: stopping after step {stops[1]} on a stop signal (SIGUSR1 received here)" in output
+    assert f"rank 0: stopping after step {stops[0]} on a stop signal (received by another rank)" in output
+    step = stops[0]
+    assert signal_at <= step < NUM_STEPS
+    assert (out / "checkpoints" / "latest").read_text() == f"step{step}"
+    assert [p.name for p in (out / "checkpoints").glob("step*")] == [f"step{step}"]
+
+    resumed = start(cfg, out, "--run.resume=true", "--train.eval_every=4")
+    finish(resumed)
+    assert f"resumed at step {step}" in resumed.output()
+    assert ranks.losses(out) == reference, f"stopped after step {step}"
+
+
+def test_a_stop_signal_in_start_up_is_held_for_training_and_spares_the_processes_a_rank_starts():
+    """In this process: SIGUSR1 to a child started during start-up (as `ninja` building an op, which Slurm signals
+    too) does not kill it, and SIGUSR1 to this process stays pending until training starts, then counts."""
+    from ipt_ds import preemption
+
+    preemption.install(preemption.DEFAULT_STOP_SIGNALS)
+    try:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+        os.kill(child.pid, signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert child.wait(timeout=30) == 0
+        assert preemption.received() == "received by another rank"  # held: nothing noted yet
+        preemption.start_training()
+        assert preemption.received() == "SIGUSR1 received here"
+    finally:
+        preemption.install([])  # default actions back, nothing blocked
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL and not signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
 
 def test_an_exception_in_one_rank_stops_every_rank_under_the_launcher(setup):
