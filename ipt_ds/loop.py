@@ -23,7 +23,7 @@ from ipt_ds import checkpoint, failures
 from ipt_ds.config import Config
 from ipt_ds.data.encode import TextEncoder, collate
 from ipt_ds.data.images import IMAGE_FORMATS
-from ipt_ds.data.pipeline import load_task_splits, logits_of, predict_sharded, rank_train_batches
+from ipt_ds.data.pipeline import global_train_batches, load_task_splits, logits_of, predict_sharded, rank_share
 from ipt_ds.data.tasks import Example, Task, get_task
 from ipt_ds.engine import (
     NonFiniteError,
@@ -58,7 +58,7 @@ def check_run_dir(cfg: Config, world: int) -> Path:
     if cfg.run.resume:
         if not (out / "checkpoints" / "latest").exists():
             raise ValueError(f"--run.resume: no checkpoint in '{out}/checkpoints' to resume from")
-        checkpoint.check_resume_config(out, cfg.to_dict(), world)
+        checkpoint.check_resume_config(out, cfg.to_dict())
     elif exists and cfg.run.overwrite:
         if Path.cwd().resolve().is_relative_to(out.resolve()):
             raise ValueError(f"--run.overwrite: run.output_dir '{out}' contains the current directory; refusing "
@@ -98,14 +98,15 @@ def evaluate(engine, encoder: TextEncoder, task: Task, examples: list[Example], 
                            labels=[e.label for e in examples], groups=[e.group for e in examples])
 
 
-def train_step(engine, batches: list[dict]) -> float:
-    """One optimizer step over `accumulation` micro-batches; returns the mean loss."""
+def train_step(engine, batches: list[dict], weights: list[float]) -> float:
+    """One optimizer step over `accumulation` micro-batches, each mean loss weighted (`rank_share`); returns this
+    rank's share of the global batch's mean loss, times the number of ranks."""
     total = 0.0
-    for batch in batches:
+    for batch, weight in zip(batches, weights):
         _, loss = engine(batch)
-        engine.backward(loss)
+        engine.backward(loss if weight == 1.0 else loss * weight)
         engine.step()  # DeepSpeed only updates at the accumulation boundary
-        total += loss.item()
+        total += weight * loss.item()
     return total / len(batches)
 
 
@@ -180,10 +181,12 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     accumulation = ds_config["gradient_accumulation_steps"]
     lengths = recipe.lengths(features) if hasattr(recipe, "lengths") else [len(f["input_ids"]) for f in features]
     collate_batch = getattr(recipe, "collate", None) or (lambda chosen: collate(chosen, pad_id))
-    steps_per_epoch = len(rank_train_batches(lengths, micro_batch_size=cfg.train.micro_batch_size, rank=0,
-                                             world_size=world, accumulation=accumulation, seed=0)) // accumulation
+    first_epoch = global_train_batches(lengths, batch_size=cfg.train.batch_size, seed=cfg.run.seed)
+    rank_share(first_epoch[0], lengths, rank=rank, world_size=world, accumulation=accumulation)  # too small: fail now
+    steps_per_epoch = len(first_epoch)
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     eval_every = cfg.train.eval_every or steps_per_epoch
+    checkpoint_every = cfg.run.checkpoint_every or eval_every
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     counts = model.parameter_report()
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
@@ -204,7 +207,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
 
     state = TrainState()
     if cfg.run.resume:
-        client = checkpoint.load_resume_state(engine, out / "checkpoints", rank=rank, world=world)
+        client = checkpoint.load_resume_state(engine, out / "checkpoints", rank=rank, world=world, seed=cfg.run.seed)
         state = TrainState(**client["train_state"])
         if rank == 0:  # steps logged after that checkpoint are about to run again
             _truncate_log(out / "log.jsonl", state.step)
@@ -215,13 +218,13 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     window_start, window_samples, window_loss = time.perf_counter(), 0, torch.zeros(2)  # (sum, count)
     while state.step < total_steps:
         engine.train()
-        batches = rank_train_batches(lengths, micro_batch_size=cfg.train.micro_batch_size, rank=rank,
-                                     world_size=world, accumulation=accumulation, seed=cfg.run.seed + state.epoch)
-        while state.micro_in_epoch < len(batches) and state.step < total_steps:
-            chunk = batches[state.micro_in_epoch : state.micro_in_epoch + accumulation]
+        batches = global_train_batches(lengths, batch_size=cfg.train.batch_size, seed=cfg.run.seed + state.epoch)
+        while state.batch_in_epoch < len(batches) and state.step < total_steps:
+            chunk, weights = rank_share(batches[state.batch_in_epoch], lengths, rank=rank, world_size=world,
+                                        accumulation=accumulation)
             failures.begin_step(state.step + 1)
-            loss = train_step(engine, [collate_batch([features[i] for i in b]) for b in chunk])
-            state.micro_in_epoch += accumulation
+            loss = train_step(engine, [collate_batch([features[i] for i in b]) for b in chunk], weights)
+            state.batch_in_epoch += 1
             state.step += 1
             window_samples += cfg.train.batch_size
             bad_loss, withheld = nonfinite_step(engine, loss, fp16=fp16)
@@ -240,11 +243,14 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
                 window_start, window_samples, window_loss = time.perf_counter(), 0, torch.zeros(2)  # (sum, count)
             if progress:
                 progress.update(1)
-            if state.step % eval_every == 0 or state.step == total_steps:
-                _evaluate_and_save(engine, recipe, state, out, meta, writer, rank)
+            evaluate, save = (state.step % every == 0 or state.step == total_steps
+                              for every in (eval_every, checkpoint_every))
+            if evaluate or save:
+                _evaluate_and_save(engine, recipe, state, out, meta, writer, rank, evaluate=evaluate, save=save,
+                                   keep=cfg.run.keep_checkpoints)
                 engine.train()
-        if state.micro_in_epoch >= len(batches):
-            state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+        if state.batch_in_epoch >= len(batches):
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     if progress:
         progress.close()
     return recipe.finish(engine, state, out, rank)
@@ -264,19 +270,23 @@ def _nonfinite_step(cfg: Config, state: TrainState, out: Path, *, withheld: bool
                 state.num_skipped)
 
 
-def _evaluate_and_save(engine, recipe: Recipe, state, out, meta, writer, rank) -> None:
+def _evaluate_and_save(engine, recipe: Recipe, state, out, meta, writer, rank, *, evaluate: bool = True,
+                       save: bool = True, keep: int = 1) -> None:
+    """Evaluate (exporting `best/` on a new best) and/or write a resume checkpoint, keeping the newest `keep`."""
     if not checkpoint.trainable_weights_finite(engine.module, engine.device):
         raise NonFiniteError(f"step {state.step}: the trained weights hold NaN/inf; no checkpoint or export is "
                              f"written (those in '{out}' are from earlier steps). Lower optim.lr or check the inputs")
-    metrics = recipe.evaluate(engine)
-    selection = next(iter(metrics.values()))
-    _log_scalars(writer, state, {f"eval/{k}": v for k, v in metrics.items()}, out)
-    log.info("step %d eval %s", state.step, " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
-    if selection > state.best_metric:
-        state.best_metric, state.best_step = selection, state.step
-        recipe.export(engine, out / "best", {**meta, "step": state.step, "eval": metrics}, rank)
-    checkpoint.save_resume_state(engine, out / "checkpoints", state.step, {"train_state": dataclasses.asdict(state)},
-                                 rank=rank)
+    if evaluate:
+        metrics = recipe.evaluate(engine)
+        selection = next(iter(metrics.values()))
+        _log_scalars(writer, state, {f"eval/{k}": v for k, v in metrics.items()}, out)
+        log.info("step %d eval %s", state.step, " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+        if selection > state.best_metric:
+            state.best_metric, state.best_step = selection, state.step
+            recipe.export(engine, out / "best", {**meta, "step": state.step, "eval": metrics}, rank)
+    if save:
+        checkpoint.save_resume_state(engine, out / "checkpoints", state.step,
+                                     {"train_state": dataclasses.asdict(state)}, rank=rank, keep=keep)
 
 
 def _finish(engine, encoder, task, eval_examples, test_examples, cfg, state, out, rank) -> dict:
