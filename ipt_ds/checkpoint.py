@@ -143,9 +143,11 @@ def _adam(engine) -> torch.optim.Optimizer:
         for p in group["params"]:
             if not adam.state[p]:
                 adam.state[p].update(step=torch.tensor(0.0), **{key: torch.zeros_like(p) for key in ADAM_MOMENTS})
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)  # ZeRO 1/2, bf16: point each
-    if link is not None:  # parameter's fragment at that state (what their first step does)
-        link()
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2, bf16 without ZeRO
+        # Point each parameter's fragment at that state. DeepSpeed does it once, right after the first parameter
+        # group's first step, when the other groups have no state yet: their fragments would stay empty.
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
     return adam
 
 
@@ -164,7 +166,7 @@ def _set_full_value(p: torch.Tensor, key: str | None, value: torch.Tensor, adam)
     """Set this rank's part of the fp32 master of `p` (key None) or of its optimizer state `key` from the whole."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    if hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None:
+    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):  # None where no part of `p` is on this rank
         safe_set_full_fp32_param(p, value) if key is None else safe_set_full_optimizer_state(p, value, key)
     elif key is not None:  # no ZeRO, fp32: the parameter itself was set with the module
         adam.state[p][key].copy_(value)
