@@ -139,10 +139,11 @@ def _adam(engine) -> torch.optim.Optimizer:
     """The torch AdamW that holds the fp32 state (inside DeepSpeed's ZeRO / bf16 wrapper, or the engine's own), with
     its per-parameter state created as its first step would create it (torch makes it lazily)."""
     adam = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for group in adam.param_groups:
-        for p in group["params"]:
-            if not adam.state[p]:
-                adam.state[p].update(step=torch.tensor(0.0), **{key: torch.zeros_like(p) for key in ADAM_MOMENTS})
+    held = [p for group in adam.param_groups for p in group["params"]]
+    held += getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])  # ZeRO-3 lends them only for its step
+    for p in held:
+        if not adam.state[p]:
+            adam.state[p].update(step=torch.tensor(0.0), **{key: torch.zeros_like(p) for key in ADAM_MOMENTS})
     if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2, bf16 without ZeRO
         # Point each parameter's fragment at that state. DeepSpeed does it once, right after the first parameter
         # group's first step, when the other groups have no state yet: their fragments would stay empty.
