@@ -131,6 +131,7 @@ class Recipe(Protocol):
 
     # Optional, for inputs other than token ids (images): `collate(features) -> batch` and `lengths(features)`, the
     # sizes that training batches are bucketed by. Without them: `collate(features, pad_id)` and token counts.
+    # Optional, for a loss averaged over tokens: `loss_terms(features)`, the tokens each example adds to it.
 
 
 class TaskRecipe:
@@ -181,8 +182,9 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     accumulation = ds_config["gradient_accumulation_steps"]
     lengths = recipe.lengths(features) if hasattr(recipe, "lengths") else [len(f["input_ids"]) for f in features]
     collate_batch = getattr(recipe, "collate", None) or (lambda chosen: collate(chosen, pad_id))
+    terms = recipe.loss_terms(features) if hasattr(recipe, "loss_terms") else None
     first_epoch = global_train_batches(lengths, batch_size=cfg.train.batch_size, seed=cfg.run.seed)
-    rank_share(first_epoch[0], lengths, rank=rank, world_size=world, accumulation=accumulation)  # too small: fail now
+    rank_share(first_epoch[0], lengths, rank=rank, world_size=world, accumulation=accumulation)  # fails if too small
     steps_per_epoch = len(first_epoch)
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     eval_every = cfg.train.eval_every or steps_per_epoch
@@ -221,7 +223,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
         batches = global_train_batches(lengths, batch_size=cfg.train.batch_size, seed=cfg.run.seed + state.epoch)
         while state.batch_in_epoch < len(batches) and state.step < total_steps:
             chunk, weights = rank_share(batches[state.batch_in_epoch], lengths, rank=rank, world_size=world,
-                                        accumulation=accumulation)
+                                        accumulation=accumulation, terms=terms)
             failures.begin_step(state.step + 1)
             loss = train_step(engine, [collate_batch([features[i] for i in b]) for b in chunk], weights)
             state.batch_in_epoch += 1

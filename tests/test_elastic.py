@@ -44,7 +44,8 @@ def test_global_batches_do_not_depend_on_how_they_are_split():
 
 def test_a_short_batch_split_unevenly_still_averages_over_the_whole_batch():
     """The only batch of a set smaller than the global batch: parts of 3 and 2 examples, weighted so that DeepSpeed's
-    mean over ranks and accumulation steps is the mean over the 5 examples."""
+    mean over ranks and accumulation steps is the mean over the 5 examples (or over their tokens, for a loss averaged
+    over target tokens)."""
     lengths = [5, 9, 2, 7, 4]
     (batch,) = global_train_batches(lengths, batch_size=8, seed=0)
     losses = torch.tensor([0.3, 1.7, 0.2, 2.9, 0.8])  # one loss per example
@@ -53,6 +54,13 @@ def test_a_short_batch_split_unevenly_still_averages_over_the_whole_batch():
                  for part, weight in zip(*rank_share(batch, lengths, rank=r, world_size=world,
                                                      accumulation=accumulation))]
         assert torch.allclose(torch.stack(terms).sum() / (world * accumulation), losses.mean())
+    tokens = [3, 1, 4, 2, 6]  # a loss averaged over target tokens: each part's mean is over its tokens
+    token_losses = [torch.rand(n) for n in tokens]
+    for world, accumulation in ((2, 1), (1, 2)):
+        terms = [weight * torch.cat([token_losses[i] for i in part]).mean() for r in range(world)
+                 for part, weight in zip(*rank_share(batch, lengths, rank=r, world_size=world,
+                                                     accumulation=accumulation, terms=tokens))]
+        assert torch.allclose(torch.stack(terms).sum() / (world * accumulation), torch.cat(token_losses).mean())
     with pytest.raises(ValueError, match="too small to give each of 2 ranks x 3 accumulation steps one example"):
         rank_share(batch, lengths, rank=0, world_size=2, accumulation=3)
 

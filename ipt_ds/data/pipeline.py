@@ -66,15 +66,16 @@ def global_train_batches(lengths: list[int], *, batch_size: int, seed: int) -> l
     return [b for b in batches if len(b) == batch_size] or batches
 
 
-def rank_share(batch: list[int], lengths: list[int], *, rank: int, world_size: int,
-               accumulation: int) -> tuple[list[list[int]], list[float]]:
+def rank_share(batch: list[int], lengths: list[int], *, rank: int, world_size: int, accumulation: int,
+               terms: list[int] | None = None) -> tuple[list[list[int]], list[float]]:
     """This rank's micro-batches of one global batch (one per accumulation step) and the weight of each one's mean loss.
 
     The batch is sorted by length and cut into world_size x accumulation consecutive parts of equal size (differing by
     one at most in a short batch); part a x world_size + r is rank r's micro-batch at accumulation step a, so ranks
     run parts of similar length side by side. DeepSpeed averages the loss over accumulation steps and ranks: weighting
     each part's mean loss by its share of the batch times the number of parts makes that average the mean over the
-    global batch, however it is split (the weight is exactly 1.0 for equal parts)."""
+    global batch, however it is split (the weight is exactly 1.0 for equal parts). `terms`: how many terms each
+    example adds to a mean loss (target tokens, for a loss averaged over tokens); one each if not given."""
     num_parts = world_size * accumulation
     if len(batch) < num_parts:
         raise ValueError(f"the training split ({len(batch)} examples per optimizer step) is too small to give each of "
@@ -84,7 +85,8 @@ def rank_share(batch: list[int], lengths: list[int], *, rank: int, world_size: i
     size, extra = divmod(len(ordered), num_parts)
     bounds = [part * size + min(part, extra) for part in range(num_parts + 1)]
     mine = [ordered[bounds[part] : bounds[part + 1]] for part in range(rank, num_parts, world_size)]
-    return mine, [len(part) * num_parts / len(batch) for part in mine]
+    count = (lambda indices: sum(terms[i] for i in indices)) if terms else len
+    return mine, [count(part) * num_parts / count(batch) for part in mine]
 
 
 def rank_eval_batches(lengths: list[int], *, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
