@@ -78,13 +78,16 @@ def setup(tmp_path_factory, tiny_bert):
     return tmp, reliability_config(tmp, tiny_bert)
 
 
-def resumed_in_three_parts(tmp, cfg, name, *extra) -> dict[int, float]:
-    """Steps 1-3 on 2 ranks (micro-batch 2 x 2 accumulation), 4-6 on 1 rank (micro-batch 4 x 2), 7-9 on 2 ranks
-    (micro-batch 1 x 4); each part ends by an injected failure at the start of the step after its checkpoint."""
+def resumed_in_four_parts(tmp, cfg, name, *extra) -> dict[int, float]:
+    """Steps 1-3 on 2 ranks (micro-batch 2 x 2 accumulation), 4-6 on 1 rank (micro-batch 4 x 2), 7-8 on 2 ranks
+    (micro-batch 1 x 4), 9 on 2 ranks again with micro-batch 2 (the same number of ranks: DeepSpeed's own files are
+    loaded). Each part but the last ends by an injected failure at the start of the step after its checkpoint."""
     out = tmp / name
-    parts = ((2, 2, "raise:0:4", ()), (1, 4, "raise:0:7", ("--run.resume=true",)), (2, 1, "", ("--run.resume=true",)))
-    for num_ranks, micro, fault, resume in parts:
-        run = start(cfg, out, *COMMON, *extra, f"--train.micro_batch_size={micro}", *resume, fault=fault,
+    resume = "--run.resume=true"
+    parts = ((2, 2, "raise:0:4", ()), (1, 4, "raise:0:7", (resume,)),
+             (2, 1, "raise:0:9", (resume, "--run.checkpoint_every=1")), (2, 2, "", (resume,)))
+    for num_ranks, micro, fault, flags in parts:
+        run = start(cfg, out, *COMMON, *extra, f"--train.micro_batch_size={micro}", *flags, fault=fault,
                     num_ranks=num_ranks)
         if fault:
             assert run.wait(300)[0] != 0
@@ -94,7 +97,7 @@ def resumed_in_three_parts(tmp, cfg, name, *extra) -> dict[int, float]:
             assert meta["world_size"] == num_ranks and meta["adam_step"] == step
         else:
             finish(run)
-            assert "resumed at step 6" in run.output()
+            assert "resumed at step 8" in run.output()
     return ranks.losses(out)
 
 
@@ -107,7 +110,7 @@ def _metadata(path):
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_ranks_then_one_then_two_repeat_the_uninterrupted_losses(setup, zero):
-    """2 -> 1 -> 2 ranks, with three micro-batch sizes for one global batch, under ZeRO-2 and ZeRO-3, with warm-up
+    """2 -> 1 -> 2 -> 2 ranks, with three micro-batch sizes for one global batch, under ZeRO-2 and ZeRO-3, with warm-up
     and a linear schedule: the losses are those of the uninterrupted 2-rank run, the first three bit for bit (same
     ranks), the others within fp32 tolerance. The uninterrupted run also checks retention: a checkpoint every 2
     steps, 2 kept, evaluation (and `best/`) every 3."""
@@ -124,7 +127,7 @@ def test_two_ranks_then_one_then_two_repeat_the_uninterrupted_losses(setup, zero
     rows = [json.loads(line) for line in (reference_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/acc" in r] == [3, 6, 9]
 
-    resumed = resumed_in_three_parts(tmp, cfg, f"elastic-{zero}", ds)
+    resumed = resumed_in_four_parts(tmp, cfg, f"elastic-{zero}", ds)
     assert sorted(resumed) == sorted(reference)
     assert [resumed[s] for s in (1, 2, 3)] == [reference[s] for s in (1, 2, 3)]
     differences = {s: abs(resumed[s] - reference[s]) for s in reference}
