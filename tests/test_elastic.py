@@ -14,6 +14,7 @@ import torch
 from ipt_ds.checkpoint import TRAINABLE_STATE, remove_checkpoints
 from ipt_ds.data.pipeline import global_train_batches, rank_share
 from tests import ranks
+from tests.conftest import read_log
 from tests.test_reliability import finish, reliability_config, start
 
 NUM_STEPS = 9  # 8 steps per epoch (64 examples, global batch 8): the run crosses an epoch
@@ -132,3 +133,4 @@ def test_two_ranks_then_one_then_two_repeat_the_uninterrupted_losses(setup, zero
     assert [resumed[s] for s in (1, 2, 3)] == [reference[s] for s in (1, 2, 3)]
     differences = {s: abs(resumed[s] - reference[s]) for s in reference}
     assert max(differences.values()) < TOLERANCE, differences
+    assert read_log(tmp / f"elastic-{zero}", "train/lr") == read_log(reference_dir, "train/lr")  # the schedule, exactly
