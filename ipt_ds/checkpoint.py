@@ -13,6 +13,7 @@ names a checkpoint only once every rank has written all of its files (docs/relia
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -25,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from ipt_ds import failures
 from ipt_ds.backbone import gathered
 from ipt_ds.peft_export import write_peft_adapter
+
+log = logging.getLogger("ipt_ds")
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
@@ -287,6 +290,8 @@ def load_resume_state(engine, directory: Path, *, rank: int, world: int, seed: i
         raise ValueError(f"--run.resume: checkpoint '{directory / tag}' is incomplete (missing {what}); it was not "
                          "written by this version's checkpointing")
     if written != world:
+        log.info("checkpoint %s was written on %d ranks, this run has %d: loading %s (dropout draws restart from "
+                 "run.seed and the step)", tag, written, world, TRAINABLE_STATE)
         client = load_trainable_state(engine, directory / tag)
         torch.manual_seed(seed + 1_000_003 * client["train_state"]["step"] + rank)
         return _remove_newer(directory, tag, rank, client)

@@ -87,17 +87,22 @@ def resumed_in_four_parts(tmp, cfg, name, *extra) -> dict[int, float]:
     resume = "--run.resume=true"
     parts = ((2, 2, "raise:0:4", ()), (1, 4, "raise:0:7", (resume,)),
              (2, 1, "raise:0:9", (resume, "--run.checkpoint_every=1")), (2, 2, "", (resume,)))
+    previous = 2
     for num_ranks, micro, fault, flags in parts:
         run = start(cfg, out, *COMMON, *extra, f"--train.micro_batch_size={micro}", *flags, fault=fault,
                     num_ranks=num_ranks)
+        codes = run.wait(300)
+        elastic = f"was written on {previous} ranks, this run has {num_ranks}: loading {TRAINABLE_STATE}"
+        assert (elastic in run.output()) == (num_ranks != previous), run.output()[-3000:]
+        previous = num_ranks
         if fault:
-            assert run.wait(300)[0] != 0
+            assert codes[0] != 0
             step = int(fault.rsplit(":", 1)[1]) - 1
             assert (out / "checkpoints" / "latest").read_text() == f"step{step}", run.output()[-3000:]
             meta = json.loads(_metadata(out / "checkpoints" / f"step{step}")["state"])
             assert meta["world_size"] == num_ranks and meta["adam_step"] == step
         else:
-            finish(run)
+            assert codes == [0, 0], run.output()[-3000:]
             assert "resumed at step 8" in run.output()
     return ranks.losses(out)
 
