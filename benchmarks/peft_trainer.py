@@ -100,7 +100,7 @@ def train(cell: dict) -> dict:
     from transformers.utils import logging as hf_logging
 
     from ipt_ds.config import load_config
-    from ipt_ds.data.pipeline import load_task_splits, rank_train_batches
+    from ipt_ds.data.pipeline import global_train_batches, load_task_splits
     from ipt_ds.metrics import compute_metrics
 
     hf_logging.set_verbosity_error()
@@ -118,12 +118,11 @@ def train(cell: dict) -> dict:
 
     train_set, eval_set = encode(train_examples), encode(eval_examples)
     batch = cfg.train.batch_size
-    if speed and speed["batches"] == "ours":  # epoch e is rank_train_batches(seed + e), as `ipt-ds train` forms them
+    if speed and speed["batches"] == "ours":  # epoch e is global_train_batches(seed + e), as `ipt-ds train` forms them
         lengths = [len(f["input_ids"]) for f in train_set]
         order = []
         for epoch in range(math.ceil(speed["steps"] * batch / len(train_set)) + 1):
-            for indices in rank_train_batches(lengths, micro_batch_size=batch, rank=0, world_size=1, accumulation=1,
-                                              seed=cfg.run.seed + epoch):
+            for indices in global_train_batches(lengths, batch_size=batch, seed=cfg.run.seed + epoch):
                 order.extend(indices)
         train_set = [train_set[i] for i in order[: speed["steps"] * batch]]
     if speed:

@@ -1,7 +1,9 @@
 """The two artifacts of a run, with two contracts.
 
 Resume state: a DeepSpeed checkpoint written by all ranks (trainable weights, optimizer, schedule, step counters,
-`exclude_frozen_parameters=True` so the backbone is never copied) plus each rank's RNG state.
+`exclude_frozen_parameters=True` so the backbone is never copied) plus each rank's RNG state, and the same trainable
+state in a form that does not depend on the number of ranks (`trainable.safetensors`), from which a run resumes on
+another number of ranks.
 Export: the trained tensors gathered to rank 0 as `model.safetensors`, with `config.json` (the resolved config, the
 DeepSpeed config and the label names): small, shareable, enough to evaluate or predict with the same backbone.
 Every file is written under a temporary name and renamed, so a killed run leaves the previous version intact; `latest`
@@ -11,6 +13,7 @@ names a checkpoint only once every rank has written all of its files (docs/relia
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -25,8 +28,12 @@ from ipt_ds import failures
 from ipt_ds.backbone import gathered
 from ipt_ds.peft_export import write_peft_adapter
 
+log = logging.getLogger("ipt_ds")
+
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
+TRAINABLE_STATE = "trainable.safetensors"
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # torch AdamW's per-parameter state besides its step count
 
 
 # The plain records besides tensors that DeepSpeed's checkpoints hold; resume unpickles nothing else.
@@ -172,20 +179,126 @@ def trainable_weights_finite(model: torch.nn.Module, device: torch.device) -> bo
     return flag.item() == 0
 
 
-def save_resume_state(engine, directory: Path, step: int, client_state: dict, *, rank: int) -> None:
+def _adam(engine) -> torch.optim.Optimizer:
+    """The torch AdamW that holds the fp32 state (inside DeepSpeed's ZeRO / bf16 wrapper, or the engine's own), with
+    its per-parameter state created as its first step would create it (torch makes it lazily)."""
+    adam = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    held = [p for group in adam.param_groups for p in group["params"]]
+    held += getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])  # ZeRO-3 lends them only for its step
+    for p in held:
+        if not adam.state[p]:
+            adam.state[p].update(step=torch.tensor(0.0), **{key: torch.zeros_like(p) for key in ADAM_MOMENTS})
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2, bf16 without ZeRO
+        # Point each parameter's fragment at that state. DeepSpeed does it once, right after the first parameter
+        # group's first step, when the other groups have no state yet: their fragments would stay empty.
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    return adam
+
+
+def _full_value(p: torch.Tensor, key: str | None, adam) -> torch.Tensor:
+    """The whole fp32 value of trainable parameter `p` (key None) or of its optimizer state `key`, on the CPU; a
+    collective under ZeRO (every rank calls it)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+    if value is None:  # no ZeRO, fp32: the parameter is the optimizer's own
+        value = p if key is None else adam.state[p][key]
+    return value.detach().to("cpu", torch.float32)
+
+
+def _set_full_value(p: torch.Tensor, key: str | None, value: torch.Tensor, adam) -> None:
+    """Set this rank's part of the fp32 master of `p` (key None) or of its optimizer state `key` from the whole."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):  # None where no part of `p` is on this rank
+        safe_set_full_fp32_param(p, value) if key is None else safe_set_full_optimizer_state(p, value, key)
+    elif key is not None:  # no ZeRO, fp32: the parameter itself was set with the module
+        adam.state[p][key].copy_(value)
+
+
+def save_trainable_state(engine, path: Path, record: dict, *, rank: int) -> None:
+    """Write `trainable.safetensors` (rank 0, every rank gathering): each trainable parameter's fp32 value and Adam
+    moments by name, and in its metadata `record` plus the Adam step count, the schedule and DeepSpeed's counters.
+    Nothing in it depends on the number of ranks."""
+    adam = _adam(engine)
+    tensors = {}
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            for key in (None, *ADAM_MOMENTS):
+                value = _full_value(p, key, adam)
+                if rank == 0:
+                    tensors[f"{key or 'param'}/{name}"] = value
+    if rank != 0:
+        return
+    steps = {float(state["step"]) for state in adam.state.values()}
+    assert len(steps) == 1, f"the optimizer's parameters were stepped unequally: {steps}"
+    record = {**record, "adam_step": steps.pop(), "scheduler": engine.lr_scheduler.state_dict(),
+              "global_steps": engine.global_steps, "global_samples": engine.global_samples,
+              "skipped_steps": engine.skipped_steps}
+    tmp = path / f".{TRAINABLE_STATE}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata={"state": json.dumps(record)})
+    tmp.replace(path / TRAINABLE_STATE)
+
+
+def load_trainable_state(engine, path: Path) -> dict:
+    """Set the engine's trainable weights, optimizer state, schedule and counters from `trainable.safetensors` (on
+    every rank, whatever the number of ranks that wrote it); return its record."""
+    from safetensors import safe_open
+
+    if engine.fp16_enabled():
+        raise ValueError(f"--run.resume: '{path}' was written on another number of ranks, and fp16's loss scale does "
+                         "not carry over; resume on the same number of ranks, or use bf16")
+    with safe_open(path / TRAINABLE_STATE, framework="pt") as handle:
+        record = json.loads(handle.metadata()["state"])
+    tensors = load_file(path / TRAINABLE_STATE)
+    named = {name: p for name, p in engine.module.named_parameters() if p.requires_grad}
+    load_trainable(engine.module, {name[len("param/"):]: t for name, t in tensors.items() if name.startswith("param/")},
+                   source=str(path / TRAINABLE_STATE))  # the weights the forward uses (and checks names, shapes)
+    adam = _adam(engine)
+    for name, p in named.items():
+        for key in (None, *ADAM_MOMENTS):
+            _set_full_value(p, key, tensors[f"{key or 'param'}/{name}"], adam)
+    for state in adam.state.values():
+        state["step"].fill_(record["adam_step"])
+    scheduler = engine.lr_scheduler
+    scheduler.load_state_dict(record["scheduler"])
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # the rate of the next step, which the optimizer's state dict would otherwise bring back
+    engine.global_steps, engine.global_samples = record["global_steps"], record["global_samples"]
+    engine.skipped_steps = record["skipped_steps"]
+    return record
+
+
+def save_resume_state(engine, directory: Path, step: int, client_state: dict, *, rank: int, keep: int = 1) -> None:
     """Write checkpoint `step<step>` on every rank, then, once all ranks' files are complete, point `latest` at it
-    (atomically) and remove the older ones. A run killed at any moment leaves `latest` on a complete checkpoint."""
+    (atomically) and remove all but the newest `keep` checkpoints. A run killed at any moment leaves `latest` on a
+    complete checkpoint."""
     tag = f"step{step}"
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, exclude_frozen_parameters=True,
                            save_latest=False)
     save_rng(directory / tag, rank)
+    save_trainable_state(engine, directory / tag, {**client_state, "world_size": torch.distributed.get_world_size()},
+                         rank=rank)
     failures.checkpoint_written(step)
     torch.distributed.barrier()
     if rank == 0:
         atomic_write_text(directory / "latest", tag)
-        for old in directory.glob("step*"):
-            if old.name != tag:
-                shutil.rmtree(old, ignore_errors=True)
+        remove_checkpoints(directory, keep=keep, newest=step)
+
+
+def remove_checkpoints(directory: Path, *, keep: int, newest: int) -> None:
+    """Remove every checkpoint but the `keep` newest up to step `newest` (the one `latest` names); later ones are
+    leftovers of a save that was cut short."""
+    found = list(directory.glob("step*"))
+    kept = sorted((path for path in found if _step_of(path) <= newest), key=_step_of)[-keep:]
+    for path in found:
+        if path not in kept:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step")) if path.name.removeprefix("step").isdigit() else -1
 
 
 def safe_torch_load(path, map_location=None):
@@ -201,9 +314,10 @@ def safe_torch_load(path, map_location=None):
                              f"({str(err).strip().splitlines()[-1][:200]}); resume does not unpickle them") from None
 
 
-def latest_checkpoint(directory: Path, world: int) -> str:
-    """The checkpoint tag that `latest` names, checked before anything is loaded or written: `latest` holds a name,
-    and that checkpoint holds every rank's random state (saved last, so its files are complete)."""
+def latest_checkpoint(directory: Path) -> tuple[str, int]:
+    """The checkpoint tag that `latest` names and the number of ranks that wrote it, checked before anything is
+    loaded or written: `latest` holds a name, and that checkpoint holds its rank-independent trainable state and
+    every writing rank's random state (saved last, so its files are complete)."""
     latest = directory / "latest"
     fix = ("resume from a copy of the run, or start it again with --run.overwrite=true (this deletes the run "
            "directory)")
@@ -217,20 +331,33 @@ def latest_checkpoint(directory: Path, world: int) -> str:
     if not (directory / tag).is_dir():
         raise ValueError(f"--run.resume: '{latest}' names checkpoint '{tag}', but '{directory / tag}' does not exist; "
                          f"{fix}")
-    missing = [f"rng_rank{r}.safetensors" for r in range(world) if not (directory / tag / f"rng_rank{r}.safetensors")
-               .is_file()]
+    written = _written_by(directory / tag)
+    if written is None:
+        raise ValueError(f"--run.resume: checkpoint '{directory / tag}' is incomplete (missing a readable "
+                         f"{TRAINABLE_STATE}); {fix}")
+    missing = [f"rng_rank{r}.safetensors" for r in range(written)
+               if not (directory / tag / f"rng_rank{r}.safetensors").is_file()]
     if missing:
         raise ValueError(f"--run.resume: checkpoint '{directory / tag}' is incomplete (missing {', '.join(missing)}; "
                          f"every rank writes its own); {fix}")
-    return tag
+    return tag, written
 
 
-def load_resume_state(engine, directory: Path, *, rank: int, world: int) -> dict:
+def load_resume_state(engine, directory: Path, *, rank: int, world: int, seed: int) -> dict:
     """Load the checkpoint `latest` names into `engine` and this rank's random state; return the client state.
 
-    DeepSpeed's files are read with `torch.load(weights_only=True)`: tensors and DeepSpeed's plain records only.
-    Leftovers of a save that was cut short (directories `latest` does not name) are removed afterwards."""
-    tag = latest_checkpoint(directory, world)
+    On the number of ranks that wrote it: DeepSpeed's files, read with `torch.load(weights_only=True)` (tensors and
+    DeepSpeed's plain records only), and each rank's random state, for a bitwise continuation. On another number of
+    ranks: `trainable.safetensors`, and each rank's generator seeded from (seed, step, rank), since random states do
+    not carry over to other ranks. Leftovers of a save that was cut short (checkpoints newer than `latest`) are
+    removed afterwards."""
+    tag, written = latest_checkpoint(directory)
+    if written != world:
+        log.info("checkpoint %s was written on %d ranks, this run has %d: loading %s (dropout draws restart from "
+                 "run.seed and the step)", tag, written, world, TRAINABLE_STATE)
+        client = load_trainable_state(engine, directory / tag)
+        torch.manual_seed(seed + 1_000_003 * client["train_state"]["step"] + rank)
+        return _remove_newer(directory, tag, rank, client)
     checkpoint_engine = engine.checkpoint_engine
     checkpoint_engine.load = safe_torch_load
     try:
@@ -240,45 +367,53 @@ def load_resume_state(engine, directory: Path, *, rank: int, world: int) -> dict
     if path is None:
         raise ValueError(f"--run.resume: DeepSpeed could not load '{directory / tag}'")
     load_rng(directory / tag, rank)
+    return _remove_newer(directory, tag, rank, client)
+
+
+def _written_by(path: Path) -> int | None:
+    """The number of ranks that wrote the checkpoint at `path` (None when its record cannot be read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path / TRAINABLE_STATE, framework="pt") as handle:
+            return json.loads(handle.metadata()["state"])["world_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _remove_newer(directory: Path, tag: str, rank: int, client: dict) -> dict:
     torch.distributed.barrier()
     if rank == 0:
         for stale in directory.glob("step*"):
-            if stale.name != tag:
+            if _step_of(stale) > _step_of(directory / tag):
                 shutil.rmtree(stale, ignore_errors=True)
     return client
 
 
-# What a resumed run may change: where it logs and how long it goes on; everything else shapes the model, the data
-# order or the optimizer, and a different value would not continue the same run.
+# What a resumed run may change: where it logs and how long it goes on, and how the global batch is split (the number
+# of ranks, which is not a setting, and the micro-batch size); everything else shapes the model, the data order or
+# the optimizer, and a different value would not continue the same run.
 RESUME_MAY_CHANGE = ("run.", "train.max_steps", "train.epochs", "train.eval_every", "train.eval_batch_size",
-                     "train.nonfinite")
+                     "train.nonfinite", "train.micro_batch_size")
 
 
-def check_resume_config(out: Path, config: dict, world: int) -> None:
-    """Refuse to resume `out` with another world size or with settings that change the run (method, model, data,
-    optimizer, ...); reads the config.yaml and ds_config.json the run wrote at its start."""
+def check_resume_config(out: Path, config: dict) -> None:
+    """Refuse to resume `out` with settings that change the run (method, model, data, global batch, optimizer, ...);
+    reads the config.yaml the run wrote at its start."""
     try:
         saved = yaml.safe_load((out / "config.yaml").read_text())
-        ds = json.loads((out / "ds_config.json").read_text())
     except (OSError, ValueError, yaml.YAMLError) as err:
-        raise ValueError(f"--run.resume: cannot read config.yaml / ds_config.json of the run in '{out}' ({err})") \
-            from None
-    try:
-        saved_world = ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"] *
-                                                 ds["gradient_accumulation_steps"])
-    except (KeyError, TypeError, ZeroDivisionError):
-        raise ValueError(f"--run.resume: '{out}/ds_config.json' lacks the batch sizes that ipt-ds writes there; it is "
-                         "not this run's file: restore it from a copy of the run") from None
-    if saved_world != world:
-        raise ValueError(f"--run.resume: '{out}' was trained on {saved_world} ranks, this run has {world}; resume with "
-                         f"{saved_world} ranks (data order and optimizer partitions depend on it) or start a new run")
+        raise ValueError(f"--run.resume: cannot read config.yaml of the run in '{out}' ({err})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"--run.resume: '{out}/config.yaml' holds no settings; restore it from a copy of the run")
     was, now = _flatten(saved), _flatten(config)
     changed = [f"{key} (was {was[key]!r}, now {now[key]!r})" for key in sorted(set(was) & set(now))
                if was[key] != now[key] and not key.startswith(RESUME_MAY_CHANGE)]
     if changed:
         raise ValueError(f"--run.resume: these settings differ from the run in '{out}': {'; '.join(changed)}. "
                          "Resume with the run's own settings (only run.*, train.max_steps, train.epochs, "
-                         "train.eval_every, train.eval_batch_size and train.nonfinite may change) or start a new run")
+                         "train.eval_every, train.eval_batch_size, train.nonfinite and train.micro_batch_size may "
+                         "change) or start a new run")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -43,9 +43,16 @@ class RunConfig:
     """Signals that stop the run cleanly: after the current step every rank saves a checkpoint, `latest` names it,
     and the process exits with status 75, to be resumed (Slurm's warning before a time limit, preemption;
     docs/launching.md). []: none (SIGTERM then ends a rank at once)."""
+    checkpoint_every: int = 0
+    """Optimizer steps between resume checkpoints (<output_dir>/checkpoints); 0: at every evaluation
+    (train.eval_every). The last step is always saved."""
+    keep_checkpoints: int = 1
+    """Resume checkpoints kept on disk, the newest ones (the one `latest` names among them); `best/` is an export and
+    is always kept."""
 
     def validate(self) -> list[str]:
-        problems = at_least(self, "run", 1, "log_every") + at_least(self, "run", 0, "seed")
+        problems = (at_least(self, "run", 1, "log_every", "keep_checkpoints")
+                    + at_least(self, "run", 0, "seed", "checkpoint_every"))
         if not self.collective_timeout_s > 0:  # `not >` also catches nan
             problems.append(f"run.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         return problems + signal_problems(self.stop_signals)
@@ -97,7 +104,8 @@ class TrainConfig:
     batch_size: int = 32
     """Global batch size (all ranks, after gradient accumulation)."""
     micro_batch_size: int = 16
-    """Per-rank batch of one forward/backward; accumulation = batch_size / (micro_batch_size * world size)."""
+    """Per-rank batch of one forward/backward; accumulation = batch_size / (micro_batch_size * world size). A resumed
+    run may change it (and the number of ranks) as long as batch_size stays."""
     eval_batch_size: int = 64
     """Per-rank evaluation batch."""
     epochs: int = 10
@@ -105,7 +113,8 @@ class TrainConfig:
     max_steps: int = 0
     """Optimizer steps to train for; 0: derived from epochs."""
     eval_every: int = 0
-    """Optimizer steps between evaluations (and checkpoints); 0: once per epoch."""
+    """Optimizer steps between evaluations (and, unless run.checkpoint_every is set, checkpoints); 0: once per
+    epoch."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """A step whose loss or gradients hold NaN/inf: stop the run naming the step, or skip its update (no change to
     weights, optimizer state or schedule). fp16 loss-scaler overflows are always skipped, as DeepSpeed does."""

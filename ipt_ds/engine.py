@@ -233,7 +233,8 @@ class TrainState:
 
     step: int = 0
     epoch: int = 0
-    micro_in_epoch: int = 0
+    batch_in_epoch: int = 0
+    """Global batches (optimizer steps) of this epoch done: the same on every number of ranks."""
     best_metric: float = -math.inf
     best_step: int = -1
     num_skipped: int = 0

@@ -189,6 +189,10 @@ class GenerationRecipe:
         log.info("%d training sequences from %d sources", len(features), len(train_examples))
         return model, features, self.encoder.tokenizer.pad_token_id, {"task": self.task.name, "label_names": []}
 
+    def loss_terms(self, features: list[dict]) -> list[int]:
+        """Target tokens per sequence: the loss is their mean over the global batch, however it is split."""
+        return [len(f["target_ids"]) if "target_ids" in f else f["source_mask"].count(0) for f in features]
+
     def _texts(self, engine, examples):
         return generate_texts(engine, self.encoder, examples, self.cfg.generation, self.cfg.train.eval_batch_size)
 

@@ -23,7 +23,7 @@ from ipt_ds import checkpoint, failures, preemption
 from ipt_ds.config import Config
 from ipt_ds.data.encode import TextEncoder, collate
 from ipt_ds.data.images import IMAGE_FORMATS
-from ipt_ds.data.pipeline import load_task_splits, logits_of, predict_sharded, rank_train_batches
+from ipt_ds.data.pipeline import global_train_batches, load_task_splits, logits_of, predict_sharded, rank_share
 from ipt_ds.data.tasks import Example, Task, get_task
 from ipt_ds.engine import (
     NonFiniteError,
@@ -45,7 +45,7 @@ from ipt_ds.vision import ImageRecipe
 log = logging.getLogger("ipt_ds")
 
 
-def check_run_dir(cfg: Config, world: int) -> Path:
+def check_run_dir(cfg: Config) -> Path:
     """Refuse to touch an existing run unless asked (resume or overwrite), and to resume it differently; changes
     nothing on disk (`prepare_run_dir` does, once the run has got past everything that can fail early)."""
     out = cfg.output_path()
@@ -62,8 +62,8 @@ def check_run_dir(cfg: Config, world: int) -> Path:
     if cfg.run.resume:
         if not (out / "checkpoints" / "latest").exists():
             raise ValueError(f"--run.resume: no checkpoint in '{out}/checkpoints' to resume from")
-        checkpoint.check_resume_config(out, cfg.to_dict(), world)
-        checkpoint.latest_checkpoint(out / "checkpoints", world)  # before any file of the run is rewritten
+        checkpoint.check_resume_config(out, cfg.to_dict())
+        checkpoint.latest_checkpoint(out / "checkpoints")  # before any file of the run is rewritten
     elif exists and cfg.run.overwrite:
         if Path.cwd().resolve().is_relative_to(out.resolve()):
             raise ValueError(f"--run.overwrite: run.output_dir '{out}' contains the current directory; refusing "
@@ -103,14 +103,15 @@ def evaluate(engine, encoder: TextEncoder, task: Task, examples: list[Example], 
                            labels=[e.label for e in examples], groups=[e.group for e in examples])
 
 
-def train_step(engine, batches: list[dict]) -> float:
-    """One optimizer step over `accumulation` micro-batches; returns the mean loss."""
+def train_step(engine, batches: list[dict], weights: list[float]) -> float:
+    """One optimizer step over `accumulation` micro-batches, each mean loss weighted (`rank_share`); returns this
+    rank's share of the global batch's mean loss, times the number of ranks."""
     total = 0.0
-    for batch in batches:
+    for batch, weight in zip(batches, weights):
         _, loss = engine(batch)
-        engine.backward(loss)
+        engine.backward(loss if weight == 1.0 else loss * weight)
         engine.step()  # DeepSpeed only updates at the accumulation boundary
-        total += loss.item()
+        total += weight * loss.item()
     return total / len(batches)
 
 
@@ -135,6 +136,7 @@ class Recipe(Protocol):
 
     # Optional, for inputs other than token ids (images): `collate(features) -> batch` and `lengths(features)`, the
     # sizes that training batches are bucketed by. Without them: `collate(features, pad_id)` and token counts.
+    # Optional, for a loss averaged over tokens: `loss_terms(features)`, the tokens each example adds to it.
 
 
 class TaskRecipe:
@@ -176,7 +178,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     rank, world = init_distributed(cfg.run.collective_timeout_s)
     failures.start(rank, world)
     preemption.install(cfg.run.stop_signals)
-    out = check_run_dir(cfg, world)  # nothing on disk changes before data, model and engine are built
+    out = check_run_dir(cfg)  # nothing on disk changes before data, model and engine are built
     torch.manual_seed(cfg.run.seed)
     ds_config = resolve_ds_config(cfg, world_size=world)
     if unmap_freed_gathers(ds_config):
@@ -186,10 +188,16 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     accumulation = ds_config["gradient_accumulation_steps"]
     lengths = recipe.lengths(features) if hasattr(recipe, "lengths") else [len(f["input_ids"]) for f in features]
     collate_batch = getattr(recipe, "collate", None) or (lambda chosen: collate(chosen, pad_id))
-    steps_per_epoch = len(rank_train_batches(lengths, micro_batch_size=cfg.train.micro_batch_size, rank=0,
-                                             world_size=world, accumulation=accumulation, seed=0)) // accumulation
+    terms = recipe.loss_terms(features) if hasattr(recipe, "loss_terms") else None
+    first_epoch = global_train_batches(lengths, batch_size=cfg.train.batch_size, seed=cfg.run.seed)
+    rank_share(first_epoch[0], lengths, rank=rank, world_size=world, accumulation=accumulation)  # fails if too small
+    if len(first_epoch[0]) < cfg.train.batch_size:
+        log.warning("the training split holds %d examples, fewer than train.batch_size %d: every step trains on all "
+                    "of them", len(first_epoch[0]), cfg.train.batch_size)
+    steps_per_epoch = len(first_epoch)
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     eval_every = cfg.train.eval_every or steps_per_epoch
+    checkpoint_every = cfg.run.checkpoint_every or eval_every
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     counts = model.parameter_report()
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
@@ -210,7 +218,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
 
     state = TrainState()
     if cfg.run.resume:
-        client = checkpoint.load_resume_state(engine, out / "checkpoints", rank=rank, world=world)
+        client = checkpoint.load_resume_state(engine, out / "checkpoints", rank=rank, world=world, seed=cfg.run.seed)
         state = TrainState(**client["train_state"])
         if rank == 0:  # steps logged after that checkpoint are about to run again
             _truncate_log(out / "log.jsonl", state.step)
@@ -222,13 +230,13 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     preemption.start_training()
     while state.step < total_steps:
         engine.train()
-        batches = rank_train_batches(lengths, micro_batch_size=cfg.train.micro_batch_size, rank=rank,
-                                     world_size=world, accumulation=accumulation, seed=cfg.run.seed + state.epoch)
-        while state.micro_in_epoch < len(batches) and state.step < total_steps:
-            chunk = batches[state.micro_in_epoch : state.micro_in_epoch + accumulation]
+        batches = global_train_batches(lengths, batch_size=cfg.train.batch_size, seed=cfg.run.seed + state.epoch)
+        while state.batch_in_epoch < len(batches) and state.step < total_steps:
+            chunk, weights = rank_share(batches[state.batch_in_epoch], lengths, rank=rank, world_size=world,
+                                        accumulation=accumulation, terms=terms)
             failures.begin_step(state.step + 1)
-            loss = train_step(engine, [collate_batch([features[i] for i in b]) for b in chunk])
-            state.micro_in_epoch += accumulation
+            loss = train_step(engine, [collate_batch([features[i] for i in b]) for b in chunk], weights)
+            state.batch_in_epoch += 1
             state.step += 1
             window_samples += cfg.train.batch_size
             bad_loss, withheld = nonfinite_step(engine, loss, fp16=fp16)
@@ -247,14 +255,16 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
                 window_start, window_samples, window_loss = time.perf_counter(), 0, torch.zeros(2)  # (sum, count)
             if progress:
                 progress.update(1)
-            saved = state.step % eval_every == 0 or state.step == total_steps
-            if saved:
-                _evaluate_and_save(engine, recipe, state, out, meta, writer, rank)
+            evaluate, save = (state.step % every == 0 or state.step == total_steps
+                              for every in (eval_every, checkpoint_every))
+            if evaluate or save:
+                _evaluate_and_save(engine, recipe, state, out, meta, writer, rank, evaluate=evaluate, save=save,
+                                   keep=cfg.run.keep_checkpoints)
                 engine.train()
             if state.step < total_steps and preemption.agreed(engine.device):  # every rank, after every step
-                _stop(engine, state, out, rank, saved=saved)
-        if state.micro_in_epoch >= len(batches):
-            state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+                _stop(engine, state, out, rank, saved=save, keep=cfg.run.keep_checkpoints)
+        if state.batch_in_epoch >= len(batches):
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     if progress:
         progress.close()
     return recipe.finish(engine, state, out, rank)
@@ -280,24 +290,28 @@ def _check_finite_weights(engine, state: TrainState, out: Path) -> None:
                              f"written (those in '{out}' are from earlier steps). Lower optim.lr or check the inputs")
 
 
-def _evaluate_and_save(engine, recipe: Recipe, state, out, meta, writer, rank) -> None:
+def _evaluate_and_save(engine, recipe: Recipe, state, out, meta, writer, rank, *, evaluate: bool, save: bool,
+                       keep: int) -> None:
+    """Evaluate (exporting `best/` on a new best) and/or write a resume checkpoint, keeping the newest `keep`."""
     _check_finite_weights(engine, state, out)
-    metrics = recipe.evaluate(engine)
-    selection = next(iter(metrics.values()))
-    _log_scalars(writer, state, {f"eval/{k}": v for k, v in metrics.items()}, out)
-    log.info("step %d eval %s", state.step, " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
-    if selection > state.best_metric:
-        state.best_metric, state.best_step = selection, state.step
-        recipe.export(engine, out / "best", {**meta, "step": state.step, "eval": metrics}, rank)
-    _save_checkpoint(engine, state, out, rank)
+    if evaluate:
+        metrics = recipe.evaluate(engine)
+        selection = next(iter(metrics.values()))
+        _log_scalars(writer, state, {f"eval/{k}": v for k, v in metrics.items()}, out)
+        log.info("step %d eval %s", state.step, " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+        if selection > state.best_metric:
+            state.best_metric, state.best_step = selection, state.step
+            recipe.export(engine, out / "best", {**meta, "step": state.step, "eval": metrics}, rank)
+    if save:
+        _save_checkpoint(engine, state, out, rank, keep)
 
 
-def _save_checkpoint(engine, state: TrainState, out: Path, rank: int) -> None:
+def _save_checkpoint(engine, state: TrainState, out: Path, rank: int, keep: int) -> None:
     checkpoint.save_resume_state(engine, out / "checkpoints", state.step, {"train_state": dataclasses.asdict(state)},
-                                 rank=rank)
+                                 rank=rank, keep=keep)
 
 
-def _stop(engine, state: TrainState, out: Path, rank: int, *, saved: bool) -> None:
+def _stop(engine, state: TrainState, out: Path, rank: int, *, saved: bool, keep: int) -> None:
     """Every rank agreed to stop (a stop signal reached one of them): checkpoint this step unless it was just saved,
     then raise `Stopped`, which exits with status 75 (preemption.py). No evaluation: a resume goes on as if never
     stopped, evaluating at the same steps."""
@@ -306,7 +320,7 @@ def _stop(engine, state: TrainState, out: Path, rank: int, *, saved: bool) -> No
                 preemption.received())
     if not saved:
         _check_finite_weights(engine, state, out)
-        _save_checkpoint(engine, state, out, rank)
+        _save_checkpoint(engine, state, out, rank, keep)
     if rank == 0:
         log.warning("checkpoint of step %d saved, `latest` names it; exiting with status %d, to be resumed "
                     "(run.resume=true)", state.step, preemption.STOPPED_EXIT_CODE)

@@ -51,9 +51,13 @@ def tiny_cfg(tmp_path: Path, model_dir: Path, **sections) -> dict:
 
 def fake_run(out: Path, sections: dict, *, world: int) -> None:
     """A run directory as `ipt-ds train` leaves it, without training: its config, DeepSpeed config, `latest` and the
-    checkpoint it names (only the ranks' random-state files, which are written last)."""
+    checkpoint it names (its trainable-state record and the ranks' random-state files, which are written last)."""
+    from safetensors.torch import save_file
+
     (out / "checkpoints" / "step2").mkdir(parents=True)
     (out / "checkpoints" / "latest").write_text("step2")
+    save_file({"x": torch.zeros(1)}, out / "checkpoints" / "step2" / checkpoint.TRAINABLE_STATE,
+              metadata={"state": json.dumps({"world_size": world})})
     for rank in range(world):
         (out / "checkpoints" / "step2" / f"rng_rank{rank}.safetensors").write_text("")
     cfg = config_from_dict(json.loads(json.dumps(sections)), {"run.output_dir": str(out)}, source="test")
@@ -166,8 +170,9 @@ CLI_CASES = {
     "negative max_steps": Case("--train.max_steps: train.max_steps must be >= 0, got -5",
                                flags=("--train.max_steps=-5",)),
     "a flag's value is reported at the flag": Case("--optim.lr: optim.lr must be > 0", flags=("--optim.lr=-1",)),
-    "training split smaller than one batch": Case("the training split (16 examples) is too small for one optimizer",
-                                                  {"train": {"batch_size": 32, "micro_batch_size": 8}}),  # max_steps 2
+    "training split smaller than one example per micro-batch": Case(
+        "the training split (16 examples per optimizer step) is too small to give each of 1 ranks x 32 accumulation",
+        {"train": {"batch_size": 32, "micro_batch_size": 1}}),
     "duplicate YAML key": Case("duplicate key 'optim' (also set at line", prepare=lambda p: p.cfg.write_text(
         p.cfg.read_text() + "optim:\n  lr: 0.1\noptim:\n  lr: 0.2\n")),
     "empty YAML": Case("cfg.yaml:1: the config file holds no settings", prepare=lambda p: p.cfg.write_text("")),
@@ -505,23 +510,22 @@ def run_config(tmp_path, model_dir, out, **flags):
     return config_from_dict(tiny_cfg(tmp_path, model_dir), {"run.output_dir": str(out), **flags}, source="test")
 
 
-def test_resume_on_another_world_size_is_refused(tmp_path):
+def test_resume_may_change_the_ranks_and_micro_batch_but_not_the_global_batch(tmp_path):
     out = tmp_path / "run"
     sections = tiny_cfg(tmp_path, "minilm")
     fake_run(out, sections, world=2)
-    cfg = config_from_dict(json.loads(json.dumps(sections)), {"run.output_dir": str(out), "run.resume": "true"},
-                           source="test")
-    with pytest.raises(ValueError, match=r"was trained on 2 ranks, this run has 1; resume with 2 ranks"):
-        check_run_dir(cfg, world=1)
-    check_run_dir(cfg, world=2)  # the same world size resumes
-    longer = config_from_dict(json.loads(json.dumps(sections)), {"run.output_dir": str(out), "run.resume": "true",
-                                                                 "train.max_steps": "9", "run.log_every": "1"},
-                              source="test")
-    check_run_dir(longer, world=2)  # training longer and logging more often are allowed
-    other_lr = config_from_dict(json.loads(json.dumps(sections)), {"run.output_dir": str(out), "run.resume": "true",
-                                                                   "optim.lr": "0.5"}, source="test")
+
+    def resume(**flags):
+        return config_from_dict(json.loads(json.dumps(sections)), {"run.output_dir": str(out), "run.resume": "true",
+                                                                    **flags}, source="test")
+
+    check_run_dir(resume())  # another number of ranks (tests/test_elastic.py runs it)
+    check_run_dir(resume(**{"train.micro_batch_size": "1"}))
+    check_run_dir(resume(**{"train.max_steps": "9", "run.log_every": "1", "run.keep_checkpoints": "3"}))
     with pytest.raises(ValueError, match=r"optim.lr \(was 0.001, now 0.5\)"):
-        check_run_dir(other_lr, world=2)
+        check_run_dir(resume(**{"optim.lr": "0.5"}))
+    with pytest.raises(ValueError, match=r"train.batch_size \(was 8, now 16\)"):
+        check_run_dir(resume(**{"train.batch_size": "16"}))
 
 
 def test_resume_needs_a_checkpoint_and_a_complete_one(tmp_path):
@@ -530,13 +534,20 @@ def test_resume_needs_a_checkpoint_and_a_complete_one(tmp_path):
     (out / "log.jsonl").write_text("")
     cfg = config_from_dict({}, {"run.output_dir": str(out), "run.resume": "true"}, source="test")
     with pytest.raises(ValueError, match=r"--run.resume: no checkpoint in .* to resume from"):
-        check_run_dir(cfg, world=1)
+        check_run_dir(cfg)
     (out / "checkpoints" / "step4").mkdir(parents=True)
     (out / "checkpoints" / "latest").write_text("step4")
     (out / "checkpoints" / "step4" / "rng_rank0.safetensors").write_text("")
+    with pytest.raises(ValueError, match=r"step4' is incomplete \(missing a readable trainable.safetensors\); "
+                                         r"resume from a copy of the run"):
+        checkpoint.load_resume_state(None, out / "checkpoints", rank=0, world=2, seed=0)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, out / "checkpoints" / "step4" / checkpoint.TRAINABLE_STATE,
+              metadata={"state": json.dumps({"world_size": 2})})
     with pytest.raises(ValueError, match=r"step4' is incomplete \(missing rng_rank1.safetensors; every rank writes "
                                          r"its own\); resume from a copy of the run"):
-        checkpoint.load_resume_state(None, out / "checkpoints", rank=0, world=2)
+        checkpoint.load_resume_state(None, out / "checkpoints", rank=0, world=1, seed=0)
 
 
 def test_overwrite_deletes_only_a_run_directory(tmp_path, monkeypatch):
@@ -545,15 +556,15 @@ def test_overwrite_deletes_only_a_run_directory(tmp_path, monkeypatch):
     (notes / "thesis.tex").write_text("precious")
     cfg = config_from_dict({}, {"run.output_dir": str(notes), "run.overwrite": "true"}, source="test")
     with pytest.raises(ValueError, match=r"is not a run directory \(no config.yaml\); refusing to delete it"):
-        check_run_dir(cfg, world=1)
+        check_run_dir(cfg)
     (notes / "config.yaml").write_text("{}")
     monkeypatch.chdir(notes)
     with pytest.raises(ValueError, match="contains the current directory; refusing to delete it"):
-        check_run_dir(cfg, world=1)
+        check_run_dir(cfg)
     file = tmp_path / "a-file"
     file.write_text("x")
     with pytest.raises(ValueError, match="is a file; choose a directory"):
-        check_run_dir(config_from_dict({}, {"run.output_dir": str(file)}, source="test"), world=1)
+        check_run_dir(config_from_dict({}, {"run.output_dir": str(file)}, source="test"))
     assert (notes / "thesis.tex").read_text() == "precious"
 
 

@@ -1,7 +1,7 @@
 """From the data config to the batches each rank runs: read splits, sample few-shot sets, shard evenly.
 
-Every rank builds the same batch lists from the same seed and takes its own slice, so no rank ever runs a different
-number of forwards than another (ZeRO-3 and gradient all-reduce would hang).
+Every rank builds the same global batches from the same seed and takes its own share of each, so no rank ever runs
+a different number of forwards than another (ZeRO-3 and gradient all-reduce would hang).
 """
 
 from __future__ import annotations
@@ -57,20 +57,36 @@ def load_task_splits(cfg, seed: int) -> tuple[Task, list[Example], list[Example]
     return task, train, evaluation, test
 
 
-def rank_train_batches(
-    lengths: list[int], *, micro_batch_size: int, rank: int, world_size: int, accumulation: int, seed: int
-) -> list[list[int]]:
-    """This rank's micro-batches for one epoch: length-bucketed, equal in number on every rank, and a whole number
-    of optimizer steps (the tail that would leave ranks uneven is dropped; the seed changes the order per epoch)."""
-    batches = bucket_batches(lengths, micro_batch_size, seed)
-    batches = [b for b in batches if len(b) == micro_batch_size] or batches
-    per_rank = len(batches) // world_size // accumulation * accumulation
-    if per_rank == 0:
-        raise ValueError(
-            f"the training split ({len(lengths)} examples) is too small for one optimizer step of "
-            f"{micro_batch_size} x {world_size} ranks x {accumulation} accumulation; lower train.batch_size"
-        )
-    return batches[rank::world_size][:per_rank]
+def global_train_batches(lengths: list[int], *, batch_size: int, seed: int) -> list[list[int]]:
+    """One epoch's global batches, one optimizer step each over all ranks: length-bucketed, in an order that the seed
+    changes per epoch. A function of the lengths, the global batch size and the seed only (not of the number of ranks
+    or the micro-batch size), so that a run resumed on another number of ranks continues the same sequence. The
+    short tail is dropped, unless it is the whole epoch (a training set smaller than one batch)."""
+    batches = bucket_batches(lengths, batch_size, seed)
+    return [b for b in batches if len(b) == batch_size] or batches
+
+
+def rank_share(batch: list[int], lengths: list[int], *, rank: int, world_size: int, accumulation: int,
+               terms: list[int] | None = None) -> tuple[list[list[int]], list[float]]:
+    """This rank's micro-batches of one global batch (one per accumulation step) and the weight of each one's mean loss.
+
+    The batch is sorted by length and cut into world_size x accumulation consecutive parts of equal size (differing by
+    one at most in a short batch); part a x world_size + r is rank r's micro-batch at accumulation step a, so ranks
+    run parts of similar length side by side. DeepSpeed averages the loss over accumulation steps and ranks: weighting
+    each part's mean loss by its share of the batch times the number of parts makes that average the mean over the
+    global batch, however it is split (the weight is exactly 1.0 for equal parts). `terms`: how many terms each
+    example adds to a mean loss (target tokens, for a loss averaged over tokens); one each if not given."""
+    num_parts = world_size * accumulation
+    if len(batch) < num_parts:
+        raise ValueError(f"the training split ({len(batch)} examples per optimizer step) is too small to give each of "
+                         f"{world_size} ranks x {accumulation} accumulation steps one example; lower train.batch_size "
+                         "or raise train.micro_batch_size")
+    ordered = sorted(batch, key=lambda index: lengths[index])
+    size, extra = divmod(len(ordered), num_parts)
+    bounds = [part * size + min(part, extra) for part in range(num_parts + 1)]
+    mine = [ordered[bounds[part] : bounds[part + 1]] for part in range(rank, num_parts, world_size)]
+    count = (lambda indices: sum(terms[i] for i in indices)) if terms else len
+    return mine, [count(part) * num_parts / count(batch) for part in mine]
 
 
 def rank_eval_batches(lengths: list[int], *, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
