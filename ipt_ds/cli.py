@@ -99,15 +99,34 @@ def _usage(name: str) -> str:
     return lines[0].split("  ")[0] if lines else f"ipt-ds {name} ..."
 
 
+def _positional(command) -> list[inspect.Parameter]:
+    return [p for p in inspect.signature(command).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+
+
+def _unexpected_argument(name: str, command, argv: list[str]) -> str | None:
+    """The first word of `argv` that the command has no place for, read as fire reads it (`--flag VALUE` takes the
+    word after a flag without `=`). Fire would run the command first and complain about that word afterwards."""
+    words, after_flag = [], False
+    for token in argv:
+        if token.startswith("-"):
+            after_flag = "=" not in token
+        elif after_flag:
+            after_flag = False
+        else:
+            words.append(token)
+    num_params = len(_positional(command))
+    if len(words) <= num_params:
+        return None
+    return (f"ipt-ds {name}: unexpected argument {words[num_params]!r} (settings are --section.key=value); usage: "
+            f"{_usage(name)}")
+
+
 def _check_arguments(command, args: tuple, overrides: dict) -> None:
     """A required argument left out is a user error naming it (fire hands it over as None, see `_user_errors`)."""
-    params = [p for p in inspect.signature(command).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    params = _positional(command)
     given = {**dict(zip((p.name for p in params), args)), **overrides}
     name = command.__name__.replace("_", "-")
     usage = _usage(name)
-    if len(args) > len(params):
-        raise ValueError(f"ipt-ds {name}: unexpected argument {args[len(params)]!r} (settings are "
-                         f"--section.key=value); usage: {usage}")
     missing = [f"--{p.name}" if i or f"--{p.name}=" in usage else p.name.upper() for i, p in enumerate(params)
                if p.default is p.empty and given.get(p.name) is None]
     if missing:
@@ -321,6 +340,10 @@ def main() -> None:
     if len(sys.argv) > 1 and not sys.argv[1].startswith("-") and sys.argv[1] not in known:
         print(f"error: unknown command '{sys.argv[1]}'; commands: {', '.join(known)} (`ipt-ds --help`)",
               file=sys.stderr)
+        sys.exit(2)
+    unexpected = len(sys.argv) > 2 and _unexpected_argument(sys.argv[1], known[sys.argv[1]], sys.argv[2:])
+    if unexpected:
+        print(f"error: {unexpected}", file=sys.stderr)
         sys.exit(2)
     try:
         fire.Fire(known, name="ipt-ds")

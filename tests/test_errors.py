@@ -165,6 +165,10 @@ CLI_CASES = {
     "train without a config": Case("ipt-ds train: missing CONFIG; usage: ipt-ds train CONFIG.yaml",
                                    command=lambda p: ["train"]),
     "unknown command": Case("unknown command 'trian'; commands:", command=lambda p: ["trian", str(p.cfg)]),
+    "a second config": Case("ipt-ds train: unexpected argument 'extra.yaml' (settings are --section.key=value)",
+                            command=lambda p: ["train", str(p.cfg), "extra.yaml", f"--run.output_dir={p.out}"]),
+    "an argument to a command that takes none": Case("ipt-ds methods: unexpected argument 'ipt'",
+                                                     command=lambda p: ["methods", "ipt"]),
     "run directory under a file": Case("cfg.yaml/run' cannot be written ('", command=lambda p: [
         "train", str(p.cfg), f"--run.output_dir={p.cfg / 'run'}"]),
     "negative max_steps": Case("--train.max_steps: train.max_steps must be >= 0, got -5",
