@@ -222,6 +222,9 @@ class Backbone(nn.Module):
             self.head_dim = getattr(config, "d_kv", None) or self.hidden_size // self.num_kv_heads
         self.vocab_size = getattr(config, "vocab_size", 0)  # vision backbones have none
         self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        # A learned table of absolute positions (encoders, GPT-2's `wpe`) fails on an input past its end; rotary
+        # positions (LLaMA-class) and relative ones (T5) have no end to pass.
+        self.learned_positions = self.family == "encoder" or hasattr(getattr(model, "base_model", model), "wpe")
         # How inputs are numbered against the position table. RoBERTa-style embeddings number the positions of given
         # embeddings from padding_idx + 1 (2 of RoBERTa's 514 rows are never used) and ignore a key/value cache;
         # BERT-style ones start at 0, after the cached positions.

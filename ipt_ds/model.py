@@ -51,9 +51,9 @@ class PromptModel(nn.Module):
 
 
 def _check_positions(cfg: Config, backbone: Backbone, method: nn.Module) -> None:
-    """Encoders have a fixed table of position embeddings: refuse inputs that would index past it (they would fail in
-    the first step) from what the method says it puts in front of the input (methods/__init__.py)."""
-    if backbone.family != "encoder" or not backbone.max_positions:
+    """Encoders and GPT-2 have a fixed table of position embeddings: refuse inputs that would index past it (they
+    would fail in the first step) from what the method says it puts in front of the input (methods/__init__.py)."""
+    if not backbone.learned_positions or not backbone.max_positions:
         return
     embedded, cached = getattr(method, "num_embedded_prompts", 0), getattr(method, "num_cached_prompts", 0)
     needed = backbone.positions_needed(cfg.data.max_length, embedded=embedded, cached=cached)

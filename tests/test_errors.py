@@ -449,6 +449,35 @@ def test_the_shipped_lpt_roberta_large_config_passes_the_position_check():
         _check_positions(cfg, backbone, get_method("prompt_tuning").build(cfg.method, backbone, None))
 
 
+def test_gpt2s_position_table_is_checked_and_rotary_positions_are_not():
+    """GPT-2 numbers the input after a key/value prefix in its learned table of n_positions rows; LLaMA's rotary
+    positions have no table to run past. Shapes only (meta tensors), as the RoBERTa-large case above."""
+    from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+
+    from ipt_ds.backbone import Backbone
+    from ipt_ds.methods import get_method
+    from ipt_ds.model import _check_positions
+
+    def check(model, max_length: int, name: str, **method) -> None:
+        cfg = load_config(None, {"data.max_length": str(max_length)})
+        cfg.method = get_method(name).config_cls(name=name, **method)
+        with torch.device("meta"):
+            backbone = Backbone(model(), keep_dropout=False)
+        _check_positions(cfg, backbone, get_method(name).build(cfg.method, backbone, None))
+
+    gpt2 = lambda: GPT2Model(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64))  # noqa: E731
+    check(gpt2, 59, "prompt_tuning", num_virtual_tokens=5, init="random")
+    with pytest.raises(ValueError, match="5 prompt positions = 65 positions exceed the backbone's 64; lower "
+                                         "data.max_length to 59"):
+        check(gpt2, 60, "prompt_tuning", num_virtual_tokens=5, init="random")
+    check(gpt2, 60, "ptuning_v2", num_virtual_tokens=4)
+    with pytest.raises(ValueError, match=r"4 prefix positions \(this backbone numbers the input after them\) = 65"):
+        check(gpt2, 61, "ptuning_v2", num_virtual_tokens=4)
+    llama = lambda: LlamaModel(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,  # noqa: E731
+                                           num_attention_heads=4, intermediate_size=64, max_position_embeddings=64))
+    check(llama, 200, "prompt_tuning", num_virtual_tokens=5, init="random")
+
+
 def test_a_hub_id_without_network_fails_in_seconds(monkeypatch):
     """Without a reachable hub (here: an endpoint where nothing listens), a hub id that is not cached fails at once;
     asking the hub directly retried for 26 s before its error."""
