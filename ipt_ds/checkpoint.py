@@ -244,14 +244,11 @@ def save_trainable_state(engine, path: Path, record: dict, *, rank: int) -> None
 def load_trainable_state(engine, path: Path) -> dict:
     """Set the engine's trainable weights, optimizer state, schedule and counters from `trainable.safetensors` (on
     every rank, whatever the number of ranks that wrote it); return its record."""
-    from safetensors import safe_open
-
     if engine.fp16_enabled():
         raise ValueError(f"--run.resume: '{path}' was written on another number of ranks, and fp16's loss scale does "
                          "not carry over; resume on the same number of ranks, or use bf16")
-    with safe_open(path / TRAINABLE_STATE, framework="pt") as handle:
-        record = json.loads(handle.metadata()["state"])
-    tensors = load_file(path / TRAINABLE_STATE)
+    record = _record(path)
+    tensors = read_safetensors(path / TRAINABLE_STATE)
     named = {name: p for name, p in engine.module.named_parameters() if p.requires_grad}
     load_trainable(engine.module, {name[len("param/"):]: t for name, t in tensors.items() if name.startswith("param/")},
                    source=str(path / TRAINABLE_STATE))  # the weights the forward uses (and checks names, shapes)
@@ -332,6 +329,11 @@ def latest_checkpoint(directory: Path) -> tuple[str, int]:
         raise ValueError(f"--run.resume: '{latest}' names checkpoint '{tag}', but '{directory / tag}' does not exist; "
                          f"{fix}")
     written = _written_by(directory / tag)
+    if written is None and not (directory / tag / TRAINABLE_STATE).exists() and any((directory / tag).glob("*.pt")):
+        raise ValueError(f"--run.resume: checkpoint '{directory / tag}' was written by an earlier ipt-ds, before "
+                         f"checkpoints held a rank-independent state (it has no {TRAINABLE_STATE}, and its data order "
+                         "differs); "
+                         "start the run again with --run.overwrite=true, or resume it with the ipt-ds that wrote it")
     if written is None:
         raise ValueError(f"--run.resume: checkpoint '{directory / tag}' is incomplete (missing a readable "
                          f"{TRAINABLE_STATE}); {fix}")
@@ -370,14 +372,19 @@ def load_resume_state(engine, directory: Path, *, rank: int, world: int, seed: i
     return _remove_newer(directory, tag, rank, client)
 
 
-def _written_by(path: Path) -> int | None:
-    """The number of ranks that wrote the checkpoint at `path` (None when its record cannot be read)."""
+def _record(path: Path) -> dict:
+    """What `trainable.safetensors` of the checkpoint at `path` records beside its tensors (its metadata)."""
     from safetensors import safe_open
 
+    with safe_open(path / TRAINABLE_STATE, framework="pt") as handle:
+        return json.loads(handle.metadata()["state"])
+
+
+def _written_by(path: Path) -> int | None:
+    """The number of ranks that wrote the checkpoint at `path` (None when its record cannot be read)."""
     try:
-        with safe_open(path / TRAINABLE_STATE, framework="pt") as handle:
-            return json.loads(handle.metadata()["state"])["world_size"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return _record(path)["world_size"]
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
         return None
 
 

@@ -341,7 +341,8 @@ def main() -> None:
         print(f"error: unknown command '{sys.argv[1]}'; commands: {', '.join(known)} (`ipt-ds --help`)",
               file=sys.stderr)
         sys.exit(2)
-    unexpected = len(sys.argv) > 2 and _unexpected_argument(sys.argv[1], known[sys.argv[1]], sys.argv[2:])
+    command = known.get(sys.argv[1]) if len(sys.argv) > 2 else None
+    unexpected = command and _unexpected_argument(sys.argv[1], command, sys.argv[2:])
     if unexpected:
         print(f"error: {unexpected}", file=sys.stderr)
         sys.exit(2)

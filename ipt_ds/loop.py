@@ -255,14 +255,14 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
                 window_start, window_samples, window_loss = time.perf_counter(), 0, torch.zeros(2)  # (sum, count)
             if progress:
                 progress.update(1)
-            evaluate, save = (state.step % every == 0 or state.step == total_steps
-                              for every in (eval_every, checkpoint_every))
-            if evaluate or save:
-                _evaluate_and_save(engine, recipe, state, out, meta, writer, rank, evaluate=evaluate, save=save,
+            due_eval, due_save = (state.step % every == 0 or state.step == total_steps
+                                  for every in (eval_every, checkpoint_every))
+            if due_eval or due_save:
+                _evaluate_and_save(engine, recipe, state, out, meta, writer, rank, evaluate=due_eval, save=due_save,
                                    keep=cfg.run.keep_checkpoints)
                 engine.train()
             if state.step < total_steps and preemption.agreed(engine.device):  # every rank, after every step
-                _stop(engine, state, out, rank, saved=save, keep=cfg.run.keep_checkpoints)
+                _stop(engine, state, out, rank, saved=due_save, keep=cfg.run.keep_checkpoints)
         if state.batch_in_epoch >= len(batches):
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     if progress:
@@ -315,12 +315,12 @@ def _stop(engine, state: TrainState, out: Path, rank: int, *, saved: bool, keep:
     """Every rank agreed to stop (a stop signal reached one of them): checkpoint this step unless it was just saved,
     then raise `Stopped`, which exits with status 75 (preemption.py). No evaluation: a resume goes on as if never
     stopped, evaluating at the same steps."""
-    preemption.ignore_further()
-    log.warning("rank %d: stopping after step %d on a stop signal (%s); saving a checkpoint", rank, state.step,
-                preemption.received())
-    if not saved:
+    log.warning("rank %d: stopping after step %d on a stop signal (%s)%s", rank, state.step, preemption.received(),
+                "" if saved else "; saving a checkpoint")
+    if not saved:  # SIGTERM still ends this rank at once if its peers die meanwhile (preemption.py)
         _check_finite_weights(engine, state, out)
         _save_checkpoint(engine, state, out, rank, keep)
+    preemption.ignore_further()
     if rank == 0:
         log.warning("checkpoint of step %d saved, `latest` names it; exiting with status %d, to be resumed "
                     "(run.resume=true)", state.step, preemption.STOPPED_EXIT_CODE)

@@ -3,9 +3,10 @@
 Each signal of `run.stop_signals` (default SIGUSR1 and SIGTERM) only sets a flag. After every optimizer step all
 ranks agree on the flags with one all-reduce (the MAX of one integer), so a signal that reaches one rank only, or
 every rank at a slightly different moment, stops them all after the same step. The loop then saves a checkpoint of
-that step (every rank, then `latest` moved by rank 0, as at every evaluation) and raises `Stopped`; the command line
-leaves the process group together and exits with `STOPPED_EXIT_CODE`. The Slurm scripts requeue a job that ends
-with it, and the requeued job resumes from `latest` (docs/launching.md, "Preemption and time limits").
+that step unless it was just saved (every rank, then `latest` moved by rank 0, as for every checkpoint) and raises
+`Stopped`; the command line leaves the process group together and exits with `STOPPED_EXIT_CODE`. The Slurm scripts
+requeue a job that ends with it, and the requeued job resumes from `latest` (docs/launching.md, "Preemption and time
+limits").
 
 The exit status is 75, EX_TEMPFAIL of sysexits.h ("a temporary failure; the user is invited to retry later"): it is
 neither success (0), a failure (1), a user error (2) nor a death by a signal (128 + N), so a script can tell a run
@@ -32,6 +33,7 @@ DEFAULT_STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
 UNCATCHABLE = ("SIGKILL", "SIGSTOP")
 _received: list[int] = []  # signal numbers this rank has received, in order (appended by the handler only)
 _installed: list[signal.Signals] = []
+_before: dict[signal.Signals, object] = {}  # handlers before the first install (the launchers ignore SIGUSR1)
 
 
 class Stopped(Exception):  # noqa: N818 - not an error: the run stopped on request, with a checkpoint to resume from
@@ -58,17 +60,18 @@ def _why_not(name: str, valid: set[str]) -> str:
 
 def install(names) -> None:
     """Catch the signals `names` on this rank from now on, and only those, and block them until `start_training`: a
-    signal caught before that is not among them gets its default action back, and its receipt is forgotten. Call
+    signal caught before that is not among them gets its handler from before back, and its receipt is forgotten. Call
     it again after failures.start, whose SIGTERM handler it replaces."""
     wanted = [signal.Signals[name] for name in names]
     dropped = [number for number in _installed if number not in wanted]
     for number in dropped:
         if signal.getsignal(number) is _on_signal:  # (failures.start may have given SIGTERM its own handler)
-            signal.signal(number, signal.SIG_DFL)
+            signal.signal(number, _before.get(number) or signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, dropped)
     _received[:] = [n for n in _received if n in wanted]
     _installed[:] = wanted
     for number in wanted:
+        _before.setdefault(number, signal.getsignal(number))
         signal.signal(number, _on_signal)
     signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
 

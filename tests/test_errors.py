@@ -574,6 +574,11 @@ def test_resume_needs_a_checkpoint_and_a_complete_one(tmp_path):
     with pytest.raises(ValueError, match=r"step4' is incomplete \(missing a readable trainable.safetensors\); "
                                          r"resume from a copy of the run"):
         checkpoint.load_resume_state(None, out / "checkpoints", rank=0, world=2, seed=0)
+    (out / "checkpoints" / "step4" / "mp_rank_00_model_states.pt").write_text("")  # DeepSpeed's files, and no more
+    with pytest.raises(ValueError, match=r"step4' was written by an earlier ipt-ds, before checkpoints held a "
+                                         r"rank-independent state .* start the run again with --run.overwrite=true"):
+        checkpoint.load_resume_state(None, out / "checkpoints", rank=0, world=2, seed=0)
+    (out / "checkpoints" / "step4" / "mp_rank_00_model_states.pt").unlink()
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, out / "checkpoints" / "step4" / checkpoint.TRAINABLE_STATE,

@@ -218,7 +218,7 @@ class IPT(nn.Module):
         kv = backbone.num_kv_heads * backbone.head_dim
         self.shape = (backbone.prefix_layers * 2, backbone.num_kv_heads, backbone.head_dim)
         width = instance_width(cfg, backbone)  # one instance vector per prompt position
-        concatenated = cfg.task_prompt and cfg.instance and not cfg.residual
+        concatenated = cfg.task_prompt and cfg.instance  # (validate refuses task_prompt with residual)
         self.num_prefix_positions = 0 if self.prefix_path else num_tokens * (1 + concatenated)
         self.num_embedded_prompts = self.num_prefix_positions
         self.num_cached_prompts = num_tokens if self.prefix_path else 0
