@@ -197,14 +197,14 @@ def _adam(engine) -> torch.optim.Optimizer:
 
 
 def _full_value(p: torch.Tensor, key: str | None, adam) -> torch.Tensor:
-    """The whole fp32 value of trainable parameter `p` (key None) or of its optimizer state `key`, on the CPU; a
+    """The whole fp32 value of trainable parameter `p` (key None) or of its optimizer state `key`, on its device; a
     collective under ZeRO (every rank calls it)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
     if value is None:  # no ZeRO, fp32: the parameter is the optimizer's own
         value = p if key is None else adam.state[p][key]
-    return value.detach().to("cpu", torch.float32)
+    return value
 
 
 def _set_full_value(p: torch.Tensor, key: str | None, value: torch.Tensor, adam) -> None:
@@ -227,8 +227,8 @@ def save_trainable_state(engine, path: Path, record: dict, *, rank: int) -> None
         if p.requires_grad:
             for key in (None, *ADAM_MOMENTS):
                 value = _full_value(p, key, adam)
-                if rank == 0:
-                    tensors[f"{key or 'param'}/{name}"] = value
+                if rank == 0:  # only the writer copies it to the CPU
+                    tensors[f"{key or 'param'}/{name}"] = value.detach().to("cpu", torch.float32)
     if rank != 0:
         return
     steps = {float(state["step"]) for state in adam.state.values()}
