@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 def load_examples(cfg, task: Task, split: str) -> list[Example]:
     """Examples of one split, from the local layout or (format hub / no local data) the HF hub."""
     root = Path(cfg.root) if cfg.root else default_data_root()
-    if cfg.format == "hub" or root is None:
+    file_path = cfg.format in ("jsonl", "csv", "tsv") or split.endswith((".jsonl", ".csv", ".tsv"))
+    if cfg.format == "hub" or (root is None and not file_path):  # a file of the user's needs no data root
         log.info("reading %s/%s from the HF hub (no local data root; set $IPT_DS_DATA or data.root)", task.name, split)
         return load_hub_split(task, split)
     if cfg.root and not root.is_dir():
