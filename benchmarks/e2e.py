@@ -40,9 +40,9 @@ def zero_shot_cell(out: Path, config: Path, overrides: list[str]) -> dict:
     from ipt_ds.config import config_from_dict
     from ipt_ds.data.generation import collate_left, load_generation_split
     from ipt_ds.data.tasks import get_task
-    from ipt_ds.generation import generate, write_generations
     from ipt_ds.metrics import generation_metrics
     from ipt_ds.model import build_model
+    from ipt_ds.recipes.generation import generate, write_generations
 
     start = time.perf_counter()
     sections = {**yaml.safe_load(config.read_text()), "method": {"name": "linear_probe"}}

@@ -51,7 +51,7 @@ def _shutdown_distributed() -> None:
         dist.barrier()
         dist.destroy_process_group()
         # DeepSpeed's CPU collectives leave each rank's shared-memory buffer behind. Every rank has passed the barrier.
-        from ipt_ds.engine import shm_buffer
+        from ipt_ds.failures import shm_buffer
 
         shm_buffer(rank).unlink(missing_ok=True)
 
@@ -202,19 +202,11 @@ def estimate(config: str | None = None, **overrides):
     import torch
 
     from ipt_ds.config import load_config
-    from ipt_ds.data.tasks import get_task
-    from ipt_ds.model import build_model
+    from ipt_ds.recipes import recipe_for
 
     cfg = load_config(config, overrides)
     torch.manual_seed(cfg.run.seed)
-    if cfg.data.format in ("imagefolder", "npz"):  # the class count comes from the data
-        from ipt_ds.data.images import class_names_of
-        from ipt_ds.vision import build_image_model
-
-        num_labels = len(class_names_of(cfg.data.format, cfg.data.root, cfg.data.train_split))
-        model = build_image_model(cfg, num_labels, dtype=torch.float32, ds_config=None)
-    else:
-        model, _ = build_model(cfg, get_task(cfg.data.task), dtype=torch.float32, ds_config=None)
+    model = recipe_for(cfg).load_model(dtype=torch.float32, ds_config=None)
     counts = model.parameter_report()
     print(f"method {cfg.method.name} on {cfg.model.name_or_path}")
     for part in ("method", "head"):
@@ -282,7 +274,7 @@ def make_vit(directory: str, image_size: int = 32, patch_size: int = 4, hidden_s
              seed: int = 0):
     """Save a ViT with random weights to DIRECTORY (new or empty), for tests and the digits demo: frozen random
     weights show that the mechanism works, not what a pretrained ViT reaches."""
-    from ipt_ds.vision import make_vit as make
+    from ipt_ds.recipes.image import make_vit as make
 
     sizes = {"image_size": image_size, "patch_size": patch_size, "hidden_size": hidden_size, "num_layers": num_layers,
              "num_heads": num_heads, "intermediate_size": intermediate_size, "num_channels": num_channels,
@@ -307,11 +299,10 @@ def methods():
 def tasks():
     """List known tasks with their labels and metrics."""
     from ipt_ds.data.tasks import TASKS
+    from ipt_ds.recipes import text_recipe_class
 
     for name, task in sorted(TASKS.items()):
-        labels = ("generation (source -> text)" if task.generation else "regression" if task.is_regression
-                  else "/".join(task.label_names))
-        print(f"{name}: {labels}; metrics {', '.join(task.metrics)}")
+        print(f"{name}: {text_recipe_class(task).outputs(task)}; metrics {', '.join(task.metrics)}")
 
 
 def _plugin_commands() -> dict:

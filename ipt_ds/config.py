@@ -15,7 +15,6 @@ from typing import Literal
 
 from ipt_ds.backbone import ModelConfig
 from ipt_ds.confload import ConfigError, at_least, build, convert, load_yaml_with_lines
-from ipt_ds.generation import GenerationConfig
 from ipt_ds.heads import HeadConfig
 from ipt_ds.methods import MethodConfig, get_method
 from ipt_ds.preemption import DEFAULT_STOP_SIGNALS, signal_problems
@@ -155,6 +154,25 @@ class OptimConfig:
 class DeepSpeedConfig:
     config: str = "ds_configs/zero2.json"
     """DeepSpeed JSON (engine settings only), relative to the current directory or to the repository."""
+
+
+@dataclass(kw_only=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    """Longest generated continuation, in tokens."""
+    num_beams: int = 1
+    """1: greedy decoding; more: beam search with this many beams."""
+    max_target_length: int = 64
+    """Training: reference tokens kept per example (the end-of-sequence token included)."""
+    eval_limit: int = 0
+    """Evaluations during training decode only the first N sources of the eval split (0: all); the final scores
+    always use every source."""
+    test_limit: int = 0
+    """Score only the first N sources of the test split at the end (0: all), for quick runs."""
+
+    def validate(self) -> list[str]:
+        return (at_least(self, "generation", 1, "max_new_tokens", "num_beams", "max_target_length")
+                + at_least(self, "generation", 0, "eval_limit", "test_limit"))
 
 
 @dataclass(kw_only=True)

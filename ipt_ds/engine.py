@@ -1,7 +1,5 @@
-"""DeepSpeed setup and the training loop: `train` -> `train_step`, with evaluation and checkpoints along the way.
-
-Read top to bottom: distributed setup, the DeepSpeed config (engine keys from JSON, experiment keys from the YAML),
-data, model, `deepspeed.initialize` with only the trainable parameters, then one linear loop.
+"""DeepSpeed setup for the loop (`loop.py`): distributed init, the DeepSpeed config (engine keys from JSON, experiment
+keys from the YAML), the optimizer of the trainable parameters and the guards around non-finite steps.
 """
 
 from __future__ import annotations
@@ -53,12 +51,6 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int]:
         distributed_c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def shm_buffer(rank: int) -> Path:
-    """The shared-memory buffer DeepSpeed's CPU collectives leave behind for `rank` of this run (~66 MB of RAM)."""
-    return Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-                            f"{os.environ.get('MASTER_PORT')}_{rank}")
 
 
 def resolve_ds_config(cfg: Config, *, world_size: int, check_offload: bool = True) -> dict:

@@ -131,11 +131,15 @@ def exit_on_signal(signum: int, _frame=None) -> None:
     exit_now(128 + signum)
 
 
+def shm_buffer(rank: int) -> Path:
+    """The shared-memory buffer DeepSpeed's CPU collectives leave behind for `rank` of this run (~66 MB of RAM)."""
+    return Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+                            f"{os.environ.get('MASTER_PORT')}_{rank}")
+
+
 def exit_now(code: int) -> None:
     """Flush the logs and leave without interpreter teardown (which can block on a broken process group). This
     rank's DeepSpeed shared-memory buffer goes too (peers that mapped it keep their mapping)."""
-    from ipt_ds.engine import shm_buffer
-
     if torch.distributed.is_initialized():
         shm_buffer(torch.distributed.get_rank()).unlink(missing_ok=True)
     for handler in logging.getLogger().handlers:

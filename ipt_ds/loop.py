@@ -1,8 +1,8 @@
-"""The training loop and evaluation: `train` -> `train_step`, `evaluate` -> `predict_examples`.
+"""The training loop: `train` -> `train_step`, with evaluation, checkpoints, the `best/` export and logs.
 
-`train` runs one loop for any `Recipe` (what is trained on, how it is scored and exported): `TaskRecipe` fine-tunes
-on one task, `vision.ImageRecipe` on an image classification set; `pretrain/` brings its own recipes and reuses the
-loop, its checkpoints and its logs unchanged.
+`train` runs one loop for any `Recipe` (what is trained on, how it is scored and exported; `ipt_ds/recipes/`):
+text tasks, generation and images; `pretrain/` brings its own recipes and reuses the loop, its checkpoints and its
+logs unchanged.
 """
 
 from __future__ import annotations
@@ -12,24 +12,18 @@ import json
 import logging
 import shutil
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import yaml
 
 from ipt_ds import checkpoint, failures, preemption
 from ipt_ds.config import Config
-from ipt_ds.data.encode import TextEncoder, collate
-from ipt_ds.data.images import IMAGE_FORMATS
-from ipt_ds.data.pipeline import global_train_batches, load_task_splits, logits_of, predict_sharded, rank_share
-from ipt_ds.data.tasks import Example, Task, get_task
+from ipt_ds.data.pipeline import global_train_batches, rank_share
 from ipt_ds.engine import (
     NonFiniteError,
     TrainState,
     build_optimizer,
-    ds_dtype,
     fit_zero3_buckets,
     init_distributed,
     nonfinite_step,
@@ -37,10 +31,7 @@ from ipt_ds.engine import (
     skip_nonfinite_updates,
     unmap_freed_gathers,
 )
-from ipt_ds.generation import GenerationRecipe
-from ipt_ds.metrics import compute_metrics, constant_baseline, log_split, record_split
-from ipt_ds.model import PromptModel, build_model
-from ipt_ds.vision import ImageRecipe
+from ipt_ds.recipes import Recipe, recipe_for
 
 log = logging.getLogger("ipt_ds")
 
@@ -84,25 +75,6 @@ def prepare_run_dir(cfg: Config, out: Path, rank: int) -> None:
     torch.distributed.barrier()
 
 
-def predict_examples(engine, encoder: TextEncoder, examples: list[Example], batch_size: int):
-    """Run every example once across all ranks; every rank gets all predictions back, in input order."""
-    features = [encoder(e) for e in examples]
-    pad_id = encoder.tokenizer.pad_token_id
-    return predict_sharded(engine, [len(f["input_ids"]) for f in features], batch_size,
-                           lambda indices: collate([features[i] for i in indices], pad_id),
-                           lambda batch: logits_of(engine, batch))
-
-
-def to_prediction(score, task: Task) -> int | float:
-    return score if task.is_regression else max(range(len(score)), key=score.__getitem__)
-
-
-def evaluate(engine, encoder: TextEncoder, task: Task, examples: list[Example], batch_size: int) -> dict[str, float]:
-    scores = predict_examples(engine, encoder, examples, batch_size)
-    return compute_metrics(task.metrics, predictions=[to_prediction(s, task) for s in scores],
-                           labels=[e.label for e in examples], groups=[e.group for e in examples])
-
-
 def train_step(engine, batches: list[dict], weights: list[float]) -> float:
     """One optimizer step over `accumulation` micro-batches, each mean loss weighted (`rank_share`); returns this
     rank's share of the global batch's mean loss, times the number of ranks."""
@@ -115,66 +87,12 @@ def train_step(engine, batches: list[dict], weights: list[float]) -> float:
     return total / len(batches)
 
 
-class Recipe(Protocol):
-    """What `train` runs besides the loop: the model and its training data, how it is scored and what it exports."""
-
-    def build(self, ds_config: dict) -> tuple[PromptModel, list[dict], int, dict]:
-        """(model, encoded training examples, pad id, what the export's metadata records besides the config)."""
-        ...
-
-    def evaluate(self, engine) -> dict[str, float]:
-        """Metrics on the evaluation data (every rank calls it); the first one selects the best checkpoint."""
-        ...
-
-    def export(self, engine, path: Path, meta: dict, rank: int) -> None:
-        """Write the shareable artifact of the current weights to `path` (every rank calls it)."""
-        ...
-
-    def finish(self, engine, state: TrainState, out: Path, rank: int) -> dict:
-        """After the last step: the results, which rank 0 also writes to `out`/results.json."""
-        ...
-
-    # Optional, for inputs other than token ids (images): `collate(features) -> batch` and `lengths(features)`, the
-    # sizes that training batches are bucketed by. Without them: `collate(features, pad_id)` and token counts.
-    # Optional, for a loss averaged over tokens: `loss_terms(features)`, the tokens each example adds to it.
-
-
-class TaskRecipe:
-    """Fine-tuning on the task of `cfg.data` (`ipt-ds train`); the export is the trained tensors (`best/`)."""
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-
-    def build(self, ds_config: dict) -> tuple[PromptModel, list[dict], int, dict]:
-        cfg = self.cfg
-        self.task, train_examples, self.eval_examples, self.test_examples = load_task_splits(cfg.data, cfg.run.seed)
-        model, self.encoder = build_model(cfg, self.task, dtype=ds_dtype(ds_config), ds_config=ds_config)
-        features = [self.encoder(e) for e in train_examples]
-        if self.encoder.num_truncated:
-            log.info("%d of %d training inputs truncated to data.max_length=%d (longest first)",
-                     self.encoder.num_truncated, len(features), cfg.data.max_length)
-        about = {"task": self.task.name, "label_names": list(self.task.label_names)}
-        return model, features, self.encoder.tokenizer.pad_token_id, about
-
-    def evaluate(self, engine) -> dict[str, float]:
-        return evaluate(engine, self.encoder, self.task, self.eval_examples, self.cfg.train.eval_batch_size)
-
-    def export(self, engine, path: Path, meta: dict, rank: int) -> None:
-        checkpoint.export_trainable(engine.module, path, meta, rank=rank)
-
-    def finish(self, engine, state: TrainState, out: Path, rank: int) -> dict:
-        return _finish(engine, self.encoder, self.task, self.eval_examples, self.test_examples, self.cfg, state, out,
-                       rank)
-
-
 def train(cfg: Config, recipe: Recipe | None = None) -> dict:
-    """Train `cfg` (any config with run, train, optim and deepspeed sections) with `recipe`, by default fine-tuning
-    on `cfg.data`."""
+    """Train `cfg` (any config with run, train, optim and deepspeed sections) with `recipe`, by default the one that
+    `cfg.data` asks for (`recipe_for`)."""
     import deepspeed
 
-    if recipe is None:
-        recipe = (ImageRecipe(cfg) if cfg.data.format in IMAGE_FORMATS
-                  else GenerationRecipe(cfg) if get_task(cfg.data.task).generation else TaskRecipe(cfg))
+    recipe = recipe or recipe_for(cfg)
     rank, world = init_distributed(cfg.run.collective_timeout_s)
     failures.start(rank, world)
     preemption.install(cfg.run.stop_signals)
@@ -183,12 +101,10 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     ds_config = resolve_ds_config(cfg, world_size=world)
     if unmap_freed_gathers(ds_config):
         log.info("ZeRO-3 on CPU: allocations from 1 MiB up are returned to the kernel when freed")
-    model, features, pad_id, about = recipe.build(ds_config)
+    model, features, about = recipe.build(ds_config)
     fit_zero3_buckets(ds_config, model.backbone.hidden_size)
     accumulation = ds_config["gradient_accumulation_steps"]
-    lengths = recipe.lengths(features) if hasattr(recipe, "lengths") else [len(f["input_ids"]) for f in features]
-    collate_batch = getattr(recipe, "collate", None) or (lambda chosen: collate(chosen, pad_id))
-    terms = recipe.loss_terms(features) if hasattr(recipe, "loss_terms") else None
+    lengths, terms = recipe.lengths(features), recipe.loss_terms(features)
     first_epoch = global_train_batches(lengths, batch_size=cfg.train.batch_size, seed=cfg.run.seed)
     rank_share(first_epoch[0], lengths, rank=rank, world_size=world, accumulation=accumulation)  # fails if too small
     if len(first_epoch[0]) < cfg.train.batch_size:
@@ -235,7 +151,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
             chunk, weights = rank_share(batches[state.batch_in_epoch], lengths, rank=rank, world_size=world,
                                         accumulation=accumulation, terms=terms)
             failures.begin_step(state.step + 1)
-            loss = train_step(engine, [collate_batch([features[i] for i in b]) for b in chunk], weights)
+            loss = train_step(engine, [recipe.collate([features[i] for i in b]) for b in chunk], weights)
             state.batch_in_epoch += 1
             state.step += 1
             window_samples += cfg.train.batch_size
@@ -325,28 +241,6 @@ def _stop(engine, state: TrainState, out: Path, rank: int, *, saved: bool, keep:
         log.warning("checkpoint of step %d saved, `latest` names it; exiting with status %d, to be resumed "
                     "(run.resume=true)", state.step, preemption.STOPPED_EXIT_CODE)
     raise preemption.Stopped(state.step)
-
-
-def _finish(engine, encoder, task, eval_examples, test_examples, cfg, state, out, rank) -> dict:
-    """Score the best checkpoint on the eval (and test) split and write results.json."""
-    meta, tensors = checkpoint.read_export(out / "best")
-    checkpoint.load_trainable(engine.module, tensors, source=str(out / "best"))
-    results = {"task": task.name, "method": cfg.method.name, "best_step": state.best_step,
-               "skipped_steps": state.num_skipped, "parameters": meta["parameters"]}
-    splits = {"eval": eval_examples}
-    if test_examples and all(e.label is not None for e in test_examples):
-        splits["test"] = test_examples
-    for split, examples in splits.items():  # each scored split with the number to beat there, in its own metrics
-        labels, groups = [e.label for e in examples], [e.group for e in examples]
-        record_split(results, split, evaluate(engine, encoder, task, examples, cfg.train.eval_batch_size),
-                     constant_baseline(task.metrics, labels, regression=task.is_regression, groups=groups))
-        if not task.is_regression:
-            results[f"{split}_majority_acc"] = 100 * max(Counter(labels).values()) / len(labels)
-    if rank == 0:
-        checkpoint.atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-        for split in splits:
-            log_split(log, results, split, cfg.data.eval_split if split == "eval" else cfg.data.test_split)
-    return results
 
 
 def _log_scalars(writer, state: TrainState, scalars: dict, out: Path) -> None:

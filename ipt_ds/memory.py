@@ -343,8 +343,9 @@ def report(cfg, *, world_size: int = 1, batch_size: int | None = None, seq_len: 
     from ipt_ds.data.tasks import get_task
     from ipt_ds.engine import ds_dtype, fit_zero3_buckets, resolve_ds_config
     from ipt_ds.model import build_model
+    from ipt_ds.recipes import recipe_class
 
-    if cfg.data.format in ("imagefolder", "npz"):
+    if recipe_class(cfg.data).kind == "image":
         raise ValueError("estimate-memory models token sequences; it does not cover image configs (data.format "
                          f"{cfg.data.format}); `ipt-ds estimate` counts their parameters")
     if dtype is not None and dtype not in DTYPE_BYTES:

@@ -22,8 +22,8 @@ from ipt_ds import checkpoint
 from ipt_ds.config import config_from_dict
 from ipt_ds.data.encode import TextEncoder, collate
 from ipt_ds.data.tasks import Task, examples_from_record, get_task
-from ipt_ds.loop import to_prediction
 from ipt_ds.model import PromptModel, build_model
+from ipt_ds.recipes.text import to_prediction
 
 log = logging.getLogger("ipt_ds")
 ROUTE = "export"

@@ -1,4 +1,5 @@
-"""The two pretraining objectives, as recipes for `ipt_ds.loop.train` (same loop, checkpoints, resume and logs).
+"""The two pretraining objectives, as recipes (`ipt_ds.recipes.Recipe`) for `ipt_ds.loop.train` (same loop, checkpoints,
+resume and logs).
 
 Both train the IPT module that fine-tuning builds (`ipt_ds.methods.ipt`, with a lookup table of its own) and export
 its table and generator as the artifact (`artifact.py`) whenever the evaluation improves.
@@ -25,12 +26,13 @@ from ipt_ds.backbone import Backbone, embedding_rows, load_backbone
 from ipt_ds.data.encode import TextEncoder
 from ipt_ds.engine import TrainState, ds_dtype
 from ipt_ds.heads import pool_hidden
-from ipt_ds.loop import evaluate, predict_examples
 from ipt_ds.methods.base import MethodOutput
 from ipt_ds.methods.ipt import ARTIFACT_CONFIG, IPT, instance_width
 from ipt_ds.methods.ipt import build as build_ipt
 from ipt_ds.metrics import compute_metrics
 from ipt_ds.model import PromptModel
+from ipt_ds.recipes.base import TokenBatches
+from ipt_ds.recipes.text import evaluate, predict_examples
 from pretrain.artifact import describe, write_artifact
 from pretrain.config import PretrainConfig
 from pretrain.data import load_sources, read_corpus
@@ -88,7 +90,7 @@ class TaskBlockHead(nn.Module):
         return logits, nn.functional.cross_entropy(logits.masked_fill(~own_block, float("-inf")), batch["labels"])
 
 
-class _Recipe:
+class _Recipe(TokenBatches):
     """What both objectives share: the IPT module with a table of its own, the artifact, the results."""
 
     def __init__(self, cfg: PretrainConfig):
@@ -128,7 +130,7 @@ class _Recipe:
 
 
 class KnowledgeRecipe(_Recipe):
-    def build(self, ds_config: dict) -> tuple[PromptModel, list[dict], int, dict]:
+    def build(self, ds_config: dict) -> tuple[PromptModel, list[dict], dict]:
         cfg, corpus = self.cfg, self.cfg.corpus
         self.task, train, self.eval_examples = read_corpus(
             corpus.train_file, corpus.eval_file, text_field=corpus.text_field, label_field=corpus.label_field,
@@ -141,15 +143,16 @@ class KnowledgeRecipe(_Recipe):
         features = [self.encoder(e) for e in train]
         log.info("knowledge corpus: %d training and %d evaluation texts in %d categories", len(train),
                  len(self.eval_examples), len(self.task.label_names))
-        return (PromptModel(backbone, InstancePrompts(ipt), head), features, tokenizer.pad_token_id,
-                {"objective": "knowledge", "categories": list(self.task.label_names)})
+        self.pad_id = tokenizer.pad_token_id
+        return PromptModel(backbone, InstancePrompts(ipt), head), features, {
+            "objective": "knowledge", "categories": list(self.task.label_names)}
 
     def evaluate(self, engine) -> dict[str, float]:
         return evaluate(engine, self.encoder, self.task, self.eval_examples, self.cfg.train.eval_batch_size)
 
 
 class TransferRecipe(_Recipe):
-    def build(self, ds_config: dict) -> tuple[PromptModel, list[dict], int, dict]:
+    def build(self, ds_config: dict) -> tuple[PromptModel, list[dict], dict]:
         cfg, sources = self.cfg, self.cfg.sources
         self.sources = load_sources(sources.tasks, root=sources.root, max_per_task=sources.max_per_task,
                                     num_eval_per_task=sources.num_eval_per_task, seed=cfg.run.seed)
@@ -163,8 +166,8 @@ class TransferRecipe(_Recipe):
                     for s, encoder, offset in zip(self.sources, self.encoders, self.offsets) for e in s.train]
         log.info("transfer mixture: %s", ", ".join(f"{s.task.name} {len(s.train)} (+{len(s.eval)} eval)"
                                                    for s in self.sources))
-        return (PromptModel(backbone, ipt, head), features, tokenizer.pad_token_id,
-                {"objective": "transfer", "sources": list(sources.tasks)})
+        self.pad_id = tokenizer.pad_token_id
+        return PromptModel(backbone, ipt, head), features, {"objective": "transfer", "sources": list(sources.tasks)}
 
     def evaluate(self, engine) -> dict[str, float]:
         """Accuracy on each task's held-out examples (argmax within its block) and their mean, which selects."""

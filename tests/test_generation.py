@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from ipt_ds.config import load_config
+from ipt_ds.config import GenerationConfig, load_config
 from ipt_ds.confload import ConfigError
 from ipt_ds.data.generation import GenExample, collate_left, load_generation_split
 from ipt_ds.data.readers import default_data_root
 from ipt_ds.data.tasks import get_task
-from ipt_ds.generation import GenerationConfig, generate
 from ipt_ds.metrics import generation_metrics
 from ipt_ds.model import build_model
+from ipt_ds.recipes.generation import generate
 from tests.conftest import read_log, run_cli, write_config
 
 SOURCES = ["name[Blue] food[fish]", "name[Red Lion] food[Italian] area[riverside] price[high]", "x"]

@@ -388,7 +388,7 @@ def test_every_method_runs_in_bf16(name, tiny_models, data):
 def test_image_method_cell(family, name, options, tiny_vision_models):
     """The image cells: trainable count, gradients, frozen weights, the loss falls on 16 images, and bf16 runs."""
     from ipt_ds.data.images import ImageBatcher
-    from ipt_ds.vision import build_image_model
+    from ipt_ds.recipes.image import build_image_model
 
     torch.manual_seed(0)
     cfg = load_config(None, {"model.name_or_path": str(tiny_vision_models[family]), "data.format": "npz",

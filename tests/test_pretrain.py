@@ -116,14 +116,14 @@ def test_two_ranks_write_an_artifact_whose_table_and_generator_trained(pretraine
 
 def test_every_part_of_the_instance_prompt_is_on_the_loss_path(tmp_path, tiny_bert):
     """Table, every generator tensor (the prompt-producing layer included) and the classifier get gradients."""
-    from ipt_ds.data.encode import collate
     from pretrain.objectives import recipe_for
 
     for encoder in ("cnn", "mlp", "lstm", ""):  # "": the table alone ("Pretrained IPT")
         cfg = load_pretrain_config(pretrain_config(tmp_path, tiny_bert), {"method.encoder": encoder})
-        model, features, pad_id, _ = recipe_for(cfg).build({"zero_optimization": {"stage": 0}})
+        recipe = recipe_for(cfg)
+        model, features, _ = recipe.build({"zero_optimization": {"stage": 0}})
         model.train()
-        _, loss = model(collate(features[:8], pad_id))
+        _, loss = model(recipe.collate(features[:8]))
         loss.backward()
         trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         assert "method.ipt.table.weight" in trainable and "head.linear.weight" in trainable

@@ -17,7 +17,7 @@ from ipt_ds.backbone import Backbone, ImageSpec, ModelConfig, load_backbone
 from ipt_ds.config import load_config
 from ipt_ds.data.images import ImageBatcher, read_image_split, write_digits
 from ipt_ds.methods.vpt import VisualPrompt
-from ipt_ds.vision import build_image_model, make_vit
+from ipt_ds.recipes.image import build_image_model, make_vit
 from tests.conftest import read_log, run_cli, two_class_images
 
 NUM_TOKENS = 3

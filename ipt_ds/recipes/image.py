@@ -1,5 +1,5 @@
-"""Image classification on a frozen vision transformer: the `Recipe` that `train` runs when `data.format` is an image
-layout (imagefolder, npz), and `make_vit`, which saves a small ViT with random weights (`ipt-ds make-vit`).
+"""Image classification on a frozen vision transformer: the recipe of runs whose `data.format` is an image layout
+(imagefolder, npz), and `make_vit`, which saves a small ViT with random weights (`ipt-ds make-vit`).
 
 The loop, DeepSpeed engine, checkpoints and exports are those of the text tasks; only the data (pixels instead of
 token ids) and the methods that accept them (`inputs` in the method registry) differ.
@@ -18,7 +18,7 @@ import torch
 from ipt_ds import checkpoint
 from ipt_ds.backbone import VISION_TYPES, load_backbone
 from ipt_ds.config import Config
-from ipt_ds.data.images import ImageBatcher, ImageSplit, read_image_split
+from ipt_ds.data.images import ImageBatcher, ImageSplit, class_names_of, read_image_split
 from ipt_ds.data.pipeline import logits_of, predict_sharded
 from ipt_ds.data.sampling import sample_per_class
 from ipt_ds.engine import TrainState, ds_dtype
@@ -55,10 +55,18 @@ def build_image_model(cfg: Config, num_labels: int, *, dtype: torch.dtype, ds_co
 class ImageRecipe:
     """Image classification on `cfg.data` (`ipt-ds train` with data.format imagefolder or npz)."""
 
+    kind = "image"
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def build(self, ds_config: dict) -> tuple[PromptModel, list[dict], int, dict]:
+    def load_model(self, *, dtype: torch.dtype, ds_config: dict | None) -> PromptModel:
+        """The model of `cfg` as before training; reads only the class names of the training split."""
+        data = self.cfg.data
+        num_labels = len(class_names_of(data.format, data.root, data.train_split))
+        return build_image_model(self.cfg, num_labels, dtype=dtype, ds_config=ds_config)
+
+    def build(self, ds_config: dict) -> tuple[PromptModel, list[dict], dict]:
         data = self.cfg.data
         train = read_image_split(data.format, data.root, data.train_split)
         self.class_names = train.class_names
@@ -74,13 +82,16 @@ class ImageRecipe:
         self.batcher = ImageBatcher(model.backbone.image)
         log.info("%d training images, %d classes; input %s x %d channels", len(features), len(self.class_names),
                  "x".join(map(str, model.backbone.image.size)), model.backbone.image.num_channels)
-        return model, features, 0, {"task": data.task, "label_names": self.class_names}
+        return model, features, {"task": data.task, "label_names": self.class_names}
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         return self.batcher(features)
 
     def lengths(self, features: list[dict]) -> list[int]:
         return [1] * len(features)  # one input size: batches are drawn at random, not bucketed by length
+
+    def loss_terms(self, features: list[dict]) -> None:
+        return None  # a mean over images
 
     def evaluate(self, engine) -> dict[str, float]:
         return self.score(engine, self.eval_features)

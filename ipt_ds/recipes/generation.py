@@ -1,4 +1,5 @@
-"""Text generation with a trained prompt method: decoding through the backbone's own `generate` and KV cache.
+"""Text generation with a trained prompt method: the recipe of generation tasks (`GenerationRecipe`: training on
+the references, scored on decoded text), and decoding through the backbone's own `generate` and KV cache.
 
 Decoding starts from a cache that the method fills: its forward runs once on the (left-padded) sources inside
 `Backbone.capturing()`, so the cache holds exactly what training computed (prompt vectors, key/value prefixes, a late
@@ -14,37 +15,19 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ipt_ds import checkpoint
-from ipt_ds.confload import at_least
-from ipt_ds.data.generation import GenerationEncoder, GenExample, load_generation_split
+from ipt_ds.config import GenerationConfig
+from ipt_ds.data.generation import GenerationEncoder, GenExample, load_generation_split, read_generation_file
 from ipt_ds.data.pipeline import predict_sharded
+from ipt_ds.engine import ds_dtype
 from ipt_ds.metrics import generation_metrics
+from ipt_ds.recipes.text import TextRecipe
 
 log = logging.getLogger("ipt_ds")
-
-
-@dataclass(kw_only=True)
-class GenerationConfig:
-    max_new_tokens: int = 64
-    """Longest generated continuation, in tokens."""
-    num_beams: int = 1
-    """1: greedy decoding; more: beam search with this many beams."""
-    max_target_length: int = 64
-    """Training: reference tokens kept per example (the end-of-sequence token included)."""
-    eval_limit: int = 0
-    """Evaluations during training decode only the first N sources of the eval split (0: all); the final scores
-    always use every source."""
-    test_limit: int = 0
-    """Score only the first N sources of the test split at the end (0: all), for quick runs."""
-
-    def validate(self) -> list[str]:
-        return (at_least(self, "generation", 1, "max_new_tokens", "num_beams", "max_target_length")
-                + at_least(self, "generation", 0, "eval_limit", "test_limit"))
 
 
 @contextlib.contextmanager
@@ -160,20 +143,18 @@ def score(names, texts: list[str], examples: list[GenExample]) -> dict[str, floa
     return result[0]
 
 
-class GenerationRecipe:
+class GenerationRecipe(TextRecipe):
     """Training on a generation task (`ipt-ds train` with data.task e2e / generation): teacher-forced loss on the
     references, checkpoints selected by the first metric (BLEU) of decoding the eval split."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    kind = "generation"
+
+    @staticmethod
+    def outputs(task) -> str:
+        return "generation (source -> text)"
 
     def build(self, ds_config: dict):
-        from ipt_ds.data.tasks import get_task
-        from ipt_ds.engine import ds_dtype
-        from ipt_ds.model import build_model
-
         cfg = self.cfg
-        self.task = get_task(cfg.data.task)
         train_examples = load_generation_split(cfg.data, cfg.data.train_split)
         self.eval_examples = load_generation_split(cfg.data, cfg.data.eval_split)
         self.test_examples = load_generation_split(cfg.data, cfg.data.test_split) if cfg.data.test_split else []
@@ -182,12 +163,12 @@ class GenerationRecipe:
             if not examples or not all(e.references for e in examples):
                 raise ValueError(f"data.{name}_split '{getattr(cfg.data, name + '_split')}' needs a reference text "
                                  "for every source")
-        model, self.encoder = build_model(cfg, self.task, dtype=ds_dtype(ds_config), ds_config=ds_config)
+        model = self.load_model(dtype=ds_dtype(ds_config), ds_config=ds_config)
         features = [f for e in train_examples for f in self.encoder.training_features(e)]
         if self.encoder.num_truncated:
             log.info("%d sources truncated to data.max_length=%d", self.encoder.num_truncated, cfg.data.max_length)
         log.info("%d training sequences from %d sources", len(features), len(train_examples))
-        return model, features, self.encoder.tokenizer.pad_token_id, {"task": self.task.name, "label_names": []}
+        return model, features, {"task": self.task.name, "label_names": []}
 
     def loss_terms(self, features: list[dict]) -> list[int]:
         """Target tokens per sequence: the loss is their mean over the global batch, however it is split."""
@@ -200,9 +181,6 @@ class GenerationRecipe:
         limit = self.cfg.generation.eval_limit
         examples = self.eval_examples[:limit] if limit else self.eval_examples
         return score(self.task.metrics, self._texts(engine, examples), examples)
-
-    def export(self, engine, path: Path, meta: dict, rank: int) -> None:
-        checkpoint.export_trainable(engine.module, path, meta, rank=rank)
 
     def finish(self, engine, state, out: Path, rank: int) -> dict:
         """Score the best checkpoint on the whole eval (and test) split; write results.json and the generated texts
@@ -223,6 +201,17 @@ class GenerationRecipe:
         if rank == 0:
             checkpoint.atomic_write_text(out / "results.json", json.dumps(results, indent=2))
         return results
+
+    def score_split(self, engine, split: str) -> dict[str, float]:
+        examples = load_generation_split(self.cfg.data, split)
+        return score(self.task.metrics, self._texts(engine, examples), examples)
+
+    def predict_file(self, engine, path: Path) -> list[dict]:
+        """One row per source of the file at `path`: guid, source and the generated text."""
+        fields = self.cfg.data.fields or {"source": "mr" if self.task.name == "e2e" else "source"}
+        examples = read_generation_file(path, source_key=fields["source"], target_key=None)
+        return [{"guid": e.guid, "source": e.source, "prediction": t}
+                for e, t in zip(examples, self._texts(engine, examples))]
 
 
 def write_generations(path: Path, examples: list[GenExample], texts: list[str]) -> None:
