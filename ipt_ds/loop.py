@@ -92,7 +92,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     `cfg.data` asks for (`recipe_for`)."""
     import deepspeed
 
-    recipe = recipe or recipe_for(cfg)
+    recipe = recipe if recipe is not None else recipe_for(cfg)
     rank, world = init_distributed(cfg.run.collective_timeout_s)
     failures.start(rank, world)
     preemption.install(cfg.run.stop_signals)

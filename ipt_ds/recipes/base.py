@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from ipt_ds import checkpoint
 from ipt_ds.data.encode import collate
 
 if TYPE_CHECKING:
+    from ipt_ds.config import Config
     from ipt_ds.engine import TrainState
     from ipt_ds.model import PromptModel
 
@@ -45,6 +47,15 @@ class Recipe(Protocol):
     def finish(self, engine, state: TrainState, out: Path, rank: int) -> dict:
         """After the last step: the results, which rank 0 also writes to `out`/results.json."""
         ...
+
+
+def best_results(engine, cfg: Config, state: TrainState, out: Path, task: str) -> dict:
+    """Load the trained tensors of the best export (`out`/best) into `engine` for the final scores; returns the
+    results' first entries, which the scores follow."""
+    meta, tensors = checkpoint.read_export(out / "best")
+    checkpoint.load_trainable(engine.module, tensors, source=str(out / "best"))
+    return {"task": task, "method": cfg.method.name, "best_step": state.best_step,
+            "skipped_steps": state.num_skipped, "parameters": meta["parameters"]}
 
 
 class TokenBatches:

@@ -25,6 +25,7 @@ from ipt_ds.data.generation import GenerationEncoder, GenExample, load_generatio
 from ipt_ds.data.pipeline import predict_sharded
 from ipt_ds.engine import ds_dtype
 from ipt_ds.metrics import generation_metrics
+from ipt_ds.recipes.base import best_results
 from ipt_ds.recipes.text import TextRecipe
 
 log = logging.getLogger("ipt_ds")
@@ -185,10 +186,7 @@ class GenerationRecipe(TextRecipe):
     def finish(self, engine, state, out: Path, rank: int) -> dict:
         """Score the best checkpoint on the whole eval (and test) split; write results.json and the generated texts
         (`generations_<split>.jsonl`: guid, source, prediction, references)."""
-        meta, tensors = checkpoint.read_export(out / "best")
-        checkpoint.load_trainable(engine.module, tensors, source=str(out / "best"))
-        results = {"task": self.task.name, "method": self.cfg.method.name, "best_step": state.best_step,
-                   "skipped_steps": state.num_skipped, "parameters": meta["parameters"]}
+        results = best_results(engine, self.cfg, state, out, self.task.name)
         splits = {"eval": (self.cfg.data.eval_split, self.eval_examples)}
         if self.test_examples and all(e.references for e in self.test_examples):
             splits["test"] = (self.cfg.data.test_split, self.test_examples)

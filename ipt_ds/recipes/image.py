@@ -26,6 +26,7 @@ from ipt_ds.heads import build_head
 from ipt_ds.methods import METHODS, get_method
 from ipt_ds.metrics import compute_metrics, constant_baseline, log_split, record_split
 from ipt_ds.model import PromptModel
+from ipt_ds.recipes.base import best_results
 
 log = logging.getLogger("ipt_ds")
 METRICS = ("acc", "macro_f1")
@@ -107,10 +108,7 @@ class ImageRecipe:
     def finish(self, engine, state: TrainState, out: Path, rank: int) -> dict:
         """Score the best export on the eval (and test) split; rank 0 writes results.json."""
         cfg = self.cfg
-        meta, tensors = checkpoint.read_export(out / "best")
-        checkpoint.load_trainable(engine.module, tensors, source=str(out / "best"))
-        results = {"task": cfg.data.task, "method": cfg.method.name, "best_step": state.best_step,
-                   "skipped_steps": state.num_skipped, "parameters": meta["parameters"]}
+        results = best_results(engine, cfg, state, out, cfg.data.task)
         for split, features in (("eval", self.eval_features), ("test", self.test_features)):
             if features:
                 labels = [f["labels"] for f in features]

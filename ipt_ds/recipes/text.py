@@ -19,7 +19,7 @@ from ipt_ds.data.tasks import Example, Task, get_task
 from ipt_ds.engine import TrainState, ds_dtype
 from ipt_ds.metrics import compute_metrics, constant_baseline, log_split, record_split
 from ipt_ds.model import PromptModel, build_model
-from ipt_ds.recipes.base import TokenBatches
+from ipt_ds.recipes.base import TokenBatches, best_results
 
 log = logging.getLogger("ipt_ds")
 
@@ -83,10 +83,7 @@ class TextRecipe(TokenBatches):
     def finish(self, engine, state: TrainState, out: Path, rank: int) -> dict:
         """Score the best checkpoint on the eval (and test) split and write results.json."""
         cfg, task = self.cfg, self.task
-        meta, tensors = checkpoint.read_export(out / "best")
-        checkpoint.load_trainable(engine.module, tensors, source=str(out / "best"))
-        results = {"task": task.name, "method": cfg.method.name, "best_step": state.best_step,
-                   "skipped_steps": state.num_skipped, "parameters": meta["parameters"]}
+        results = best_results(engine, cfg, state, out, task.name)
         splits = {"eval": self.eval_examples}
         if self.test_examples and all(e.label is not None for e in self.test_examples):
             splits["test"] = self.test_examples
