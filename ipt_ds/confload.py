@@ -71,6 +71,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _parse_yaml_value(text: str) -> Any:
+    """A list or mapping written inline in YAML, e.g. `--head.label_words=[no, yes]`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        reason = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise ValueError(f"{text!r} is not a readable YAML list or mapping ({reason})") from None
+
+
 def convert(value: Any, tp: Any) -> Any:
     """Convert `value` (from YAML or a CLI string) to the declared type `tp`; raise ValueError with a reason."""
     origin = get_origin(tp)
@@ -94,14 +103,14 @@ def convert(value: Any, tp: Any) -> Any:
     if origin is list:
         (item_type,) = get_args(tp)
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = _parse_yaml_value(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"expected a list, got {value!r}")
         return [convert(v, item_type) for v in value]
     if origin is dict:
         key_type, value_type = get_args(tp)
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _parse_yaml_value(value)
         if not isinstance(value, dict):
             raise ValueError(f"expected a mapping, got {value!r}")
         return {convert(k, key_type): convert(v, value_type) for k, v in value.items()}

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ipt_ds import checkpoint
@@ -654,6 +654,8 @@ def build_or_config_error(build) -> None:
 @FUZZ
 @given(data=st.dictionaries(KEYS, VALUES, max_size=5),
        overrides=st.dictionaries(st.text(alphabet="abcdefghilmnoprstuvwxyz._", max_size=20), SCALARS, max_size=3))
+@example(data={}, overrides={"head.label_words": "[no, \x07]"})  # a character YAML cannot read, in an inline list
+@example(data={"data": {"fields": "{a: [1"}}, overrides={})  # an inline mapping cut short
 def test_random_config_trees_and_flags_give_a_config_or_a_config_error(data, overrides):
     build_or_config_error(lambda: config_from_dict(data, overrides, source="fuzz"))
 
