@@ -561,6 +561,31 @@ def test_resume_may_change_the_ranks_and_micro_batch_but_not_the_global_batch(tm
         check_run_dir(resume(**{"train.batch_size": "16"}))
 
 
+def test_resume_auto_resumes_a_checkpoint_else_starts_the_same_run_again_and_never_replaces_another(tmp_path):
+    sections = tiny_cfg(tmp_path, "minilm")
+
+    def auto(out, **flags):
+        return config_from_dict(json.loads(json.dumps(sections)), {"run.output_dir": str(out), "run.resume": "auto",
+                                                                    **flags}, source="test")
+
+    fresh = auto(tmp_path / "new")  # a first start: nothing there yet
+    check_run_dir(fresh)
+    assert (fresh.run.resume, fresh.run.overwrite) == (False, False)
+    out = tmp_path / "run"
+    fake_run(out, sections, world=2)
+    cfg = auto(out)
+    check_run_dir(cfg)
+    assert (cfg.run.resume, cfg.run.overwrite) == (True, False)
+    shutil.rmtree(out / "checkpoints")  # requeued before its first checkpoint: config.yaml and the log, no `latest`
+    cfg = auto(out)
+    check_run_dir(cfg)
+    assert (cfg.run.resume, cfg.run.overwrite) == (False, True)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=r"optim.lr \(was 0.001, now 0.5\)"):
+        check_run_dir(auto(out, **{"optim.lr": "0.5"}))
+    assert snapshot(out) == before
+
+
 def test_resume_needs_a_checkpoint_and_a_complete_one(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
