@@ -61,7 +61,8 @@ class FamilyAdapter:
         """Family-specific set-up after `load_backbone` built the Backbone."""
 
     def check_text_task(self, task, model_name: str) -> None:
-        """Raise ValueError if this backbone cannot run the text task `task` (a `data.tasks.Task`)."""
+        """Raise ValueError if this backbone cannot run the text task `task` (a `data.tasks.Task`); by default it runs
+        every one: classification (a linear head, or label words) and generation."""
 
     def prefix_shape(self) -> tuple[int, int, int]:
         """(layers that take key/value prefixes, their key/value heads, head_dim)."""
@@ -69,6 +70,15 @@ class FamilyAdapter:
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         return config.num_hidden_layers, num_kv_heads, getattr(config, "head_dim", None) or hidden // num_heads
+
+    def encode(self, inputs_embeds, attention_mask, token_type_ids=None, prefix=None, position_offset: int = 0,
+               position_ids=None) -> torch.Tensor:
+        """`Backbone.encode`, for the families that read token embeddings."""
+        raise NotImplementedError(f"{self.family} backbones read no token embeddings")
+
+    def encode_image(self, pixel_values: torch.Tensor, *, edit_embeddings=None, edit_layer_input=None) -> torch.Tensor:
+        """`Backbone.encode_image`, for the families that read pixels."""
+        raise NotImplementedError(f"{self.family} backbones read no images")
 
     def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         model = self.backbone.model

@@ -94,9 +94,6 @@ class DecoderAdapter(TextAdapter):
     causal = True
     default_pool = "last"
 
-    def check_text_task(self, task, model_name: str) -> None:
-        """Decoders run classification (a linear head or label words as the continuation) and generation."""
-
     def input_kwargs(self, inputs_embeds, attention_mask, token_type_ids, prefix, position_offset: int) -> dict:
         if not self.backbone.positions_from_mask:
             return {}
