@@ -360,7 +360,7 @@ def report(cfg, *, world_size: int = 1, batch_size: int | None = None, seq_len: 
     with torch.device("meta"):
         loaded = load_backbone(cfg.model, dtype=torch.float32, with_lm_head=cfg.head.type in ("verbalizer", "lm"),
                                empty=True)
-    if loaded[0].family == "seq2seq":
+    if loaded[0].adapter.is_encoder_decoder:
         raise ValueError("estimate-memory models one transformer stack; it does not cover encoder-decoder backbones "
                          f"('{cfg.model.name_or_path}'); `ipt-ds estimate` counts their parameters")
     with torch.device("meta"):

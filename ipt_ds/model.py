@@ -88,16 +88,7 @@ def build_model(
         raise ValueError(f"method.name '{cfg.method.name}' works on images; set data.format to imagefolder or npz")
     backbone, tokenizer = loaded or load_backbone(cfg.model, dtype=dtype, with_lm_head=with_lm_head,
                                                  ds_config=ds_config)
-    if task.generation and backbone.family not in ("decoder", "seq2seq"):
-        raise ValueError(f"task '{task.name}' generates text, which needs a decoder (causal LM) or encoder-decoder "
-                         f"backbone; '{cfg.model.name_or_path}' is an encoder")
-    if backbone.family == "seq2seq" and not task.generation:
-        raise ValueError(f"model.name_or_path '{cfg.model.name_or_path}' is an encoder-decoder model, which this "
-                         f"trainer runs on generation tasks only (data.task e2e or generation); task '{task.name}' "
-                         "classifies: use an encoder or decoder backbone")
-    if backbone.family == "vision":
-        raise ValueError(f"model.name_or_path '{cfg.model.name_or_path}' is a vision transformer; text tasks need a "
-                         "language model (for images set data.format to imagefolder or npz)")
+    backbone.adapter.check_text_task(task, cfg.model.name_or_path)
     words = cfg.head.label_words or list(task.label_words)
     token_ids: list[int] = []
     if verbalizer:
@@ -113,17 +104,17 @@ def build_model(
     if task.generation:
         from ipt_ds.data.generation import GenerationEncoder, Seq2SeqEncoder
 
-        if backbone.family == "seq2seq":
+        if backbone.adapter.is_encoder_decoder:
             return model, Seq2SeqEncoder(tokenizer=tokenizer, template=template, max_length=cfg.data.max_length,
                                          max_target_length=cfg.generation.max_target_length,
                                          decoder_start=backbone.model.config.decoder_start_token_id)
         backbone.positions_from_mask = True  # sources are left-padded for decoding; training must use the same
         return model, GenerationEncoder(tokenizer=tokenizer, template=template, max_length=cfg.data.max_length,
                                         max_target_length=cfg.generation.max_target_length)
-    if backbone.family == "decoder" and not cfg.head.template and not template.rstrip().endswith("{mask}"):
+    if backbone.adapter.causal and not cfg.head.template and not template.rstrip().endswith("{mask}"):
         # Task templates are written for masked LMs; a decoder predicts the label word as the continuation.
         template = "{a} {b} Answer: {mask}" if "{b}" in template else "{a} Answer: {mask}"
     encoder = TextEncoder(tokenizer=tokenizer, task=task, max_length=cfg.data.max_length,
-                          template=template if verbalizer else "", decoder=backbone.family == "decoder",
+                          template=template if verbalizer else "", decoder=backbone.adapter.causal,
                           siamese=cfg.head.siamese)
     return model, encoder

@@ -27,7 +27,7 @@ def write_peft_adapter(method, backbone: Backbone, base_model: str, out_dir: Pat
     """Write the adapter if the method has a PEFT equivalent; returns whether it did. Call with gathered weights."""
     adapter = getattr(method, "peft_adapter", None)
     # PEFT lays encoder-decoder prompts out differently (two transformer submodules); only the export is written
-    exported = adapter() if adapter is not None and backbone.family != "seq2seq" else None
+    exported = adapter() if adapter is not None and not backbone.adapter.is_encoder_decoder else None
     if exported is None:
         return False
     fields, table = exported

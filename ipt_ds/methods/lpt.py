@@ -73,7 +73,7 @@ def segment_pool(x: torch.Tensor, mask: torch.Tensor, num_segments: int, how: st
 class LPT(nn.Module):
     def __init__(self, cfg: LPTConfig, backbone: Backbone, layer: int):
         super().__init__()
-        self.cfg, self.layer, self.family = cfg, layer, backbone.family
+        self.cfg, self.layer, self.causal = cfg, layer, backbone.adapter.causal
         num_tokens, hidden, width = cfg.num_tokens, backbone.hidden_size, cfg.bottleneck
         self.num_prefix_positions = num_tokens
         self.num_embedded_prompts = 0  # the prompt enters above the embeddings: it takes no position ids
@@ -95,7 +95,7 @@ class LPT(nn.Module):
         kind = self.cfg.generator
         if kind == "npg":
             rows = torch.arange(batch_size, device=states.device)
-            if self.family != "decoder":
+            if not self.causal:
                 index = torch.zeros_like(rows)  # CLS (an encoder-decoder's encoder: its first token)
             else:  # causal: the end of the template stem has seen the whole input
                 index = batch.get("label_position", mask.sum(dim=1) - 1)
