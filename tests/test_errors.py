@@ -392,7 +392,7 @@ def roberta_positions(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(("method", "longest"), [
     ({"name": "prompt_tuning", "num_virtual_tokens": 4}, 28),  # 2 unused + 4 prompt + 28 = 34
     ({"name": "ptuning_v1", "num_virtual_tokens": 4}, 28),
-    ({"name": "lpt", "layer": 1, "num_tokens": 4}, 32),  # late prompts take no positions: the input's 32 only
+    ({"name": "lpt", "layer": 1, "num_virtual_tokens": 4}, 32),  # late prompts take no positions: the input's 32 only
     ({"name": "ptuning_v2", "num_virtual_tokens": 4}, 32),  # RoBERTa numbers the input from 2 whatever the cache
 ])
 def test_the_position_limit_counts_what_each_method_uses_and_robertas_offset(tmp_path, roberta_positions, method,

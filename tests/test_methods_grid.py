@@ -53,7 +53,7 @@ def generator_params(kind: str, d_in: int, d_out: int, width: int) -> int:
 
 def ipt_trainable(method, bb) -> int:
     """IPT: task prompt or prefix, lookup table (unless fix_emb), generator; see ipt.py for when each exists."""
-    n, hidden, kv = method.num_tokens, bb.hidden_size, bb.num_kv_heads * bb.head_dim
+    n, hidden, kv = method.num_virtual_tokens, bb.hidden_size, bb.num_kv_heads * bb.head_dim
     prefix_path = method.method == "prefix-tuning"
     width = 2 * kv if prefix_path else hidden
     total = n * bb.prefix_layers * 2 * kv if prefix_path else (n * hidden if method.has_task_prompt else 0)
@@ -80,8 +80,8 @@ def expected_trainable(name: str, model, cfg) -> int:
         "ptuning_v1": lambda: (NUM_PROMPT * hidden + lstm_params(hidden, hidden)
                                + (2 * hidden) ** 2 + 2 * hidden + 2 * hidden * hidden + hidden + head),
         "ipt": lambda: ipt_trainable(method, bb) + head,
-        "lpt": lambda: hidden * method.bottleneck + method.bottleneck + (method.bottleneck + 1) * NUM_PROMPT * hidden
-        + head,  # the default NPG generator
+        "lpt": lambda: (hidden * method.generator_width + method.generator_width
+                        + (method.generator_width + 1) * NUM_PROMPT * hidden + head),  # the default NPG generator
         "bitfit": lambda: sum(m.bias.numel() for m in bb.modules()
                               if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)) and m.bias is not None) + head,
         "vpt": lambda: (bb.num_layers if method.depth == "deep" else 1) * NUM_PROMPT * hidden + head,
@@ -93,9 +93,8 @@ def expected_trainable(name: str, model, cfg) -> int:
 def method_overrides(name: str, num_prompt: int = NUM_PROMPT) -> dict:
     fields = {f.name for f in dataclasses.fields(get_method(name).config_cls)}
     overrides = {"method.name": name}
-    for length in ("num_virtual_tokens", "num_tokens"):
-        if length in fields:
-            overrides[f"method.{length}"] = num_prompt
+    if "num_virtual_tokens" in fields:
+        overrides["method.num_virtual_tokens"] = num_prompt
     if "dropout" in fields:
         overrides["method.dropout"] = 0.0
     return overrides
