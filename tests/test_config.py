@@ -130,7 +130,8 @@ RENAMED = {"num_tokens": "num_virtual_tokens", "bottleneck": "generator_width"}
 
 def test_a_renamed_key_still_loads_with_one_warning_naming_its_line_and_new_name(tmp_path, caplog):
     old = write_config(tmp_path / "old.yaml", {"method": {"name": "lpt", "num_tokens": 3, "bottleneck": 8}})
-    new = write_config(tmp_path / "new.yaml", {"method": {"name": "lpt", "num_virtual_tokens": 3, "generator_width": 8}})
+    new = write_config(tmp_path / "new.yaml",
+                       {"method": {"name": "lpt", "num_virtual_tokens": 3, "generator_width": 8}})
     with caplog.at_level("WARNING", logger="ipt_ds"):
         cfg = load_config(old)
     assert cfg == load_config(new)
