@@ -57,9 +57,8 @@ class PrefixConfig(PTuningV2Config):
 class DeepPrompt(MethodModule):
     def __init__(self, cfg: PTuningV2Config, backbone: Backbone):
         super().__init__()
-        self.num_layers, self.num_kv_heads = backbone.prefix_layers, backbone.num_kv_heads
-        self.head_dim = backbone.head_dim
-        width = self.num_layers * 2 * self.num_kv_heads * self.head_dim
+        self.num_kv_heads, self.head_dim = backbone.num_kv_heads, backbone.head_dim
+        width = backbone.prefix_layers * 2 * self.num_kv_heads * self.head_dim
         num_tokens = cfg.num_virtual_tokens
         self.num_cached_prompts = num_tokens  # key/value prefixes only: nothing passes through the embeddings
         self.first_trained_layer = first_prefix_layer(backbone)
