@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ipt_ds.backbone import Backbone
-from ipt_ds.methods import MethodOutput
+from ipt_ds.methods.base import MethodOutput
 
 
 @dataclass(kw_only=True)

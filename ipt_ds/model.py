@@ -16,13 +16,13 @@ from ipt_ds.config import Config
 from ipt_ds.data.encode import TextEncoder, label_token_ids
 from ipt_ds.data.tasks import Task
 from ipt_ds.heads import build_head
-from ipt_ds.methods import get_method
+from ipt_ds.methods import Method, get_method
 
 log = logging.getLogger("ipt_ds")
 
 
 class PromptModel(nn.Module):
-    def __init__(self, backbone: Backbone, method: nn.Module, head: nn.Module):
+    def __init__(self, backbone: Backbone, method: Method, head: nn.Module):
         super().__init__()
         self.backbone = backbone
         self.method = method
@@ -50,12 +50,12 @@ class PromptModel(nn.Module):
         return sum(local_bytes(p) for p in self.backbone.parameters())
 
 
-def _check_positions(cfg: Config, backbone: Backbone, method: nn.Module) -> None:
+def _check_positions(cfg: Config, backbone: Backbone, method: Method) -> None:
     """Encoders and GPT-2 have a fixed table of position embeddings: refuse inputs that would index past it (they
-    would fail in the first step) from what the method says it puts in front of the input (methods/__init__.py)."""
+    would fail in the first step) from what the method says it puts in front of the input (methods/base.py)."""
     if not backbone.learned_positions or not backbone.max_positions:
         return
-    embedded, cached = getattr(method, "num_embedded_prompts", 0), getattr(method, "num_cached_prompts", 0)
+    embedded, cached = method.num_embedded_prompts, method.num_cached_prompts
     needed = backbone.positions_needed(cfg.data.max_length, embedded=embedded, cached=cached)
     if needed <= backbone.max_positions:
         return
@@ -97,6 +97,7 @@ def build_model(
                              f"{len(task.label_names)} labels {list(task.label_names)}; give one word per label")
         token_ids = label_token_ids(tokenizer, words)
     method = get_method(cfg.method.name).build(cfg.method, backbone, tokenizer)
+    assert isinstance(method, Method), f"method '{cfg.method.name}' does not implement methods.base.Method"
     head = build_head(cfg.head, backbone, num_labels=len(task.label_names), label_token_ids=token_ids)
     model = PromptModel(backbone, method, head)
     _check_positions(cfg, backbone, method)

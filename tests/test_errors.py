@@ -179,6 +179,9 @@ CLI_CASES = {
         {"train": {"batch_size": 32, "micro_batch_size": 1}}),
     "duplicate YAML key": Case("duplicate key 'optim' (also set at line", prepare=lambda p: p.cfg.write_text(
         p.cfg.read_text() + "optim:\n  lr: 0.1\noptim:\n  lr: 0.2\n")),
+    "old and new name of a key both set": Case(
+        "'method.num_tokens' and 'method.num_virtual_tokens' are both set; 'num_tokens' is the old name",
+        {"method": {"name": "lpt", "layer": 1, "num_tokens": 4}}),
     "empty YAML": Case("cfg.yaml:1: the config file holds no settings", prepare=lambda p: p.cfg.write_text("")),
     "DeepSpeed JSON that is a list": Case("ds.json: a DeepSpeed config is a JSON object",
                                           prepare=lambda p: write_ds(p, [1, 2])),
@@ -392,7 +395,7 @@ def roberta_positions(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(("method", "longest"), [
     ({"name": "prompt_tuning", "num_virtual_tokens": 4}, 28),  # 2 unused + 4 prompt + 28 = 34
     ({"name": "ptuning_v1", "num_virtual_tokens": 4}, 28),
-    ({"name": "lpt", "layer": 1, "num_tokens": 4}, 32),  # late prompts take no positions: the input's 32 only
+    ({"name": "lpt", "layer": 1, "num_virtual_tokens": 4}, 32),  # late prompts take no positions: the input's 32 only
     ({"name": "ptuning_v2", "num_virtual_tokens": 4}, 32),  # RoBERTa numbers the input from 2 whatever the cache
 ])
 def test_the_position_limit_counts_what_each_method_uses_and_robertas_offset(tmp_path, roberta_positions, method,
