@@ -90,7 +90,8 @@ def write_model_dir(directory: Path, shape: str) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig
 
-    from ipt_ds.backbone import ModelConfig, _gguf_cache, resolve_model_path
+    from ipt_ds.backbone import ModelConfig, resolve_model_path
+    from ipt_ds.backbone.loading import _gguf_cache
 
     path, gguf = resolve_model_path(ModelConfig(name_or_path="smollm2"))
     tokenizer = AutoTokenizer.from_pretrained(_gguf_cache(path, gguf, torch.float32))

@@ -33,13 +33,14 @@ import time
 from pathlib import Path
 
 METHODS = {
-    "lpt": {"method.name": "lpt", "method.num_tokens": 5},
+    "lpt": {"method.name": "lpt", "method.num_virtual_tokens": 5},
     "ptuning_v2": {"method.name": "ptuning_v2", "method.num_virtual_tokens": 5},
     "prompt_tuning": {"method.name": "prompt_tuning", "method.num_virtual_tokens": 5},
-    "ipt": {"method.name": "ipt", "method.num_tokens": 5, "method.encoder": "cnn", "method.generator_width": 64},
+    "ipt": {"method.name": "ipt", "method.num_virtual_tokens": 5, "method.encoder": "cnn",
+            "method.generator_width": 64},
     "prefix_task": {"method.name": "ipt", "method.method": "prefix-tuning", "method.instance": False,
-                    "method.num_tokens": 5},  # IPT's own task-level prefix: the baseline of the prefix path
-    "ipt_prefix": {"method.name": "ipt", "method.method": "prefix-tuning", "method.num_tokens": 5,
+                    "method.num_virtual_tokens": 5},  # IPT's own task-level prefix: the baseline of the prefix path
+    "ipt_prefix": {"method.name": "ipt", "method.method": "prefix-tuning", "method.num_virtual_tokens": 5,
                    "method.encoder": "cnn", "method.generator_width": 64},
     "full": {"method.name": "full"},
 }

@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from ipt_ds import failures
 from ipt_ds.backbone import gathered
+from ipt_ds.confload import current_names
+from ipt_ds.methods import METHODS
 from ipt_ds.peft_export import write_peft_adapter
 
 log = logging.getLogger("ipt_ds")
@@ -413,6 +415,9 @@ def check_resume_config(out: Path, config: dict) -> None:
         raise ValueError(f"--run.resume: cannot read config.yaml of the run in '{out}' ({err})") from None
     if not isinstance(saved, dict):
         raise ValueError(f"--run.resume: '{out}/config.yaml' holds no settings; restore it from a copy of the run")
+    method = saved.get("method")
+    if isinstance(method, dict) and method.get("name") in METHODS:  # a run saved before a key was renamed
+        saved["method"] = current_names(METHODS[method["name"]].config_cls, method, section="method")
     was, now = _flatten(saved), _flatten(config)
     changed = [f"{key} (was {was[key]!r}, now {now[key]!r})" for key in sorted(set(was) & set(now))
                if was[key] != now[key] and not key.startswith(RESUME_MAY_CHANGE)]

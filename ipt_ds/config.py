@@ -28,8 +28,10 @@ class RunConfig:
     """Run directory (checkpoints, exports, logs). Empty: runs/<task>-<method>-seed<seed>."""
     seed: int = 42
     """Seed for initialisation, data order, few-shot sampling and dropout."""
-    resume: bool = False
-    """Continue the run in output_dir from its `latest` checkpoint."""
+    resume: bool | Literal["auto"] = False
+    """Continue the run in output_dir from its `latest` checkpoint. auto: continue it if it has one, else start it
+    (again: a run of the same settings stopped before its first checkpoint is replaced); what Slurm's requeued jobs
+    pass."""
     overwrite: bool = False
     """Delete an existing output_dir first. Without resume or overwrite an existing run is never touched."""
     log_every: int = 10

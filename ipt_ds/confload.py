@@ -7,6 +7,7 @@ without importing the experiment config (which imports them).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -71,6 +74,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _parse_yaml_value(text: str) -> Any:
+    """A list or mapping written inline in YAML, e.g. `--head.label_words=[no, yes]`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        reason = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise ValueError(f"{text!r} is not a readable YAML list or mapping ({reason})") from None
+
+
 def convert(value: Any, tp: Any) -> Any:
     """Convert `value` (from YAML or a CLI string) to the declared type `tp`; raise ValueError with a reason."""
     origin = get_origin(tp)
@@ -94,14 +106,14 @@ def convert(value: Any, tp: Any) -> Any:
     if origin is list:
         (item_type,) = get_args(tp)
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = _parse_yaml_value(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"expected a list, got {value!r}")
         return [convert(v, item_type) for v in value]
     if origin is dict:
         key_type, value_type = get_args(tp)
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _parse_yaml_value(value)
         if not isinstance(value, dict):
             raise ValueError(f"expected a mapping, got {value!r}")
         return {convert(k, key_type): convert(v, value_type) for k, v in value.items()}
@@ -147,6 +159,7 @@ def build(cls: type, values: dict, *, section: str, problems: list[str], where) 
     """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    values = current_names(cls, values, section=section, problems=problems, where=where)
     kwargs = {}
     for key, value in values.items():
         dotted = f"{section}.{key}"
@@ -170,6 +183,30 @@ def build(cls: type, values: dict, *, section: str, problems: list[str], where) 
     if validate is not None:
         problems.extend(f"{where(_key_named(p, section, fields))}: {p}" for p in validate())
     return obj
+
+
+def current_names(cls: type, values: dict, *, section: str, problems: list[str] | None = None, where=str) -> dict:
+    """`values` with the keys that `cls` renamed (its `renamed` table, old -> new) under their current names, with one
+    deprecation warning each. Both names set in the same place (a file, or flags) is a problem; a flag (`where` gives
+    "--...") wins over a file, as for any key. `problems=None`: rename quietly (configs saved by earlier versions)."""
+    out = dict(values)
+    for old, new in getattr(cls, "renamed", {}).items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        if problems is None:
+            out.setdefault(new, value)
+            continue
+        old_at, new_at = where(f"{section}.{old}"), where(f"{section}.{new}")
+        from_flag = old_at.startswith("--")
+        if new in out and from_flag == new_at.startswith("--"):
+            problems.append(f"{old_at}: '{section}.{old}' and '{section}.{new}' are both set; '{old}' is the old "
+                            f"name of '{new}': keep only '{section}.{new}'")
+            continue
+        if new not in out or from_flag:
+            out[new] = value
+        log.warning("%s: '%s.%s' is deprecated; rename it to '%s.%s'", old_at, section, old, section, new)
+    return out
 
 
 def _key_named(problem: str, section: str, fields: dict) -> str:
@@ -225,5 +262,9 @@ def reference_markdown(sections: dict[str, type]) -> str:
         docs, hints = field_docs(cls), typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             out.append(f"| `{f.name}` | {_type_name(hints[f.name])} | `{default_text(f)}` | {docs.get(f.name, '')} |")
+        renamed = getattr(cls, "renamed", {})
+        if renamed:
+            names = ", ".join(f"`{old}` (now `{new}`)" for old, new in renamed.items())
+            out += ["", f"Old names still read, with a deprecation warning: {names}."]
         out.append("")
     return "\n".join(out)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ipt_ds.backbone import Backbone
-from ipt_ds.methods import MethodOutput
+from ipt_ds.methods.base import MethodOutput
 
 
 @dataclass(kw_only=True)
@@ -134,5 +134,5 @@ def build_head(cfg: HeadConfig, backbone: Backbone, *, num_labels: int, label_to
         return LMHead(backbone)
     if cfg.type == "verbalizer":
         return VerbalizerHead(backbone, label_token_ids, full_vocab_loss=cfg.full_vocab_loss)
-    pool = cfg.pool if cfg.pool != "auto" else ("last" if backbone.family == "decoder" else "cls")
+    pool = cfg.pool if cfg.pool != "auto" else backbone.adapter.default_pool
     return LinearHead(backbone.hidden_size, max(num_labels, 1), pool=pool, dropout=cfg.dropout, siamese=cfg.siamese)

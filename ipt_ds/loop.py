@@ -47,6 +47,13 @@ def check_run_dir(cfg: Config) -> Path:
         raise ValueError(f"run.output_dir '{out}' cannot be written ('{blocked}' is not a writable directory); choose "
                          "another --run.output_dir")
     exists = out.exists() and any(out.iterdir())
+    if cfg.run.resume == "auto":  # decided here, once; everything after sees true or false
+        cfg.run.resume = (out / "checkpoints" / "latest").exists()
+        if exists and not cfg.run.resume:  # a start that ended before its first checkpoint: begin that run again
+            checkpoint.check_resume_config(out, cfg.to_dict())  # never another run's directory
+            cfg.run.overwrite = True
+        log.info("run.resume=auto: %s", "resuming from the latest checkpoint" if cfg.run.resume
+                 else "no checkpoint yet, starting the run" + (" again" if exists else ""))
     if exists and not (cfg.run.resume or cfg.run.overwrite):
         raise ValueError(f"run.output_dir '{out}' already holds a run; pass --run.resume=true to continue it, "
                          "--run.overwrite=true to replace it, or choose another --run.output_dir")

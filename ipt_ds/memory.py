@@ -273,26 +273,16 @@ def model_shape(model, *, gradient_checkpointing: bool = False) -> ModelShape:
     """Read a built `PromptModel` (best built on the meta device: `load_backbone(..., empty=True)`)."""
     from torch import nn
 
+    from ipt_ds.methods.base import stack_position
+
     backbone = model.backbone
     config = backbone.model.config
     layers = list(backbone.layer_stack())
     modules = list(backbone.modules())
-    layer_of = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
-    first_layer_module = modules.index(layers[0])
-
-    def position(module) -> int:  # layer index; modules below the stack count as 0, above as L
-        if id(module) in layer_of:
-            return layer_of[id(module)]
-        return 0 if modules.index(module) < first_layer_module else len(layers)
-
-    # Autograd keeps activations from the lowest trainable point up: the method's entry layer (`layer` for methods
-    # that insert their prompt at layer k, else the input), or the lowest backbone module with a trainable parameter.
-    first = len(layers)
-    if any(p.requires_grad for p in model.method.parameters()):
-        first = getattr(model.method, "layer", 0)
-    for module in modules:
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
-            first = min(first, position(module))
+    position = stack_position(backbone)
+    # Autograd keeps activations from the lowest trainable point up: the first layer whose computation depends on
+    # trained parameters (methods/base.py).
+    first = model.method.first_trained_layer
     in_backbone = {id(m) for m in modules}
     seen, units = set(), []
     for module in model.modules():
@@ -361,7 +351,7 @@ def report(cfg, *, world_size: int = 1, batch_size: int | None = None, seq_len: 
     with torch.device("meta"):
         loaded = load_backbone(cfg.model, dtype=torch.float32, with_lm_head=cfg.head.type in ("verbalizer", "lm"),
                                empty=True)
-    if loaded[0].family == "seq2seq":
+    if loaded[0].adapter.is_encoder_decoder:
         raise ValueError("estimate-memory models one transformer stack; it does not cover encoder-decoder backbones "
                          f"('{cfg.model.name_or_path}'); `ipt-ds estimate` counts their parameters")
     with torch.device("meta"):
@@ -374,7 +364,7 @@ def report(cfg, *, world_size: int = 1, batch_size: int | None = None, seq_len: 
         offloaded = {"optimizer": offload != "none", "param": offload == "all"}
     swap = zero.get("offload_param", {})
     nvme = offloaded["param"] and swap.get("device") == "nvme"
-    prompt_positions = getattr(model.method, "num_prefix_positions", 0)
+    prompt_positions = model.method.num_prefix_positions
 
     def setting(key: str):  # what the JSON sets, else DeepSpeed's default
         return zero.get(key, ZERO_DEFAULTS[key])

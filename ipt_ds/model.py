@@ -16,13 +16,13 @@ from ipt_ds.config import Config
 from ipt_ds.data.encode import TextEncoder, label_token_ids
 from ipt_ds.data.tasks import Task
 from ipt_ds.heads import build_head
-from ipt_ds.methods import get_method
+from ipt_ds.methods import Method, get_method
 
 log = logging.getLogger("ipt_ds")
 
 
 class PromptModel(nn.Module):
-    def __init__(self, backbone: Backbone, method: nn.Module, head: nn.Module):
+    def __init__(self, backbone: Backbone, method: Method, head: nn.Module):
         super().__init__()
         self.backbone = backbone
         self.method = method
@@ -50,12 +50,12 @@ class PromptModel(nn.Module):
         return sum(local_bytes(p) for p in self.backbone.parameters())
 
 
-def _check_positions(cfg: Config, backbone: Backbone, method: nn.Module) -> None:
+def _check_positions(cfg: Config, backbone: Backbone, method: Method) -> None:
     """Encoders and GPT-2 have a fixed table of position embeddings: refuse inputs that would index past it (they
-    would fail in the first step) from what the method says it puts in front of the input (methods/__init__.py)."""
+    would fail in the first step) from what the method says it puts in front of the input (methods/base.py)."""
     if not backbone.learned_positions or not backbone.max_positions:
         return
-    embedded, cached = getattr(method, "num_embedded_prompts", 0), getattr(method, "num_cached_prompts", 0)
+    embedded, cached = method.num_embedded_prompts, method.num_cached_prompts
     needed = backbone.positions_needed(cfg.data.max_length, embedded=embedded, cached=cached)
     if needed <= backbone.max_positions:
         return
@@ -88,16 +88,7 @@ def build_model(
         raise ValueError(f"method.name '{cfg.method.name}' works on images; set data.format to imagefolder or npz")
     backbone, tokenizer = loaded or load_backbone(cfg.model, dtype=dtype, with_lm_head=with_lm_head,
                                                  ds_config=ds_config)
-    if task.generation and backbone.family not in ("decoder", "seq2seq"):
-        raise ValueError(f"task '{task.name}' generates text, which needs a decoder (causal LM) or encoder-decoder "
-                         f"backbone; '{cfg.model.name_or_path}' is an encoder")
-    if backbone.family == "seq2seq" and not task.generation:
-        raise ValueError(f"model.name_or_path '{cfg.model.name_or_path}' is an encoder-decoder model, which this "
-                         f"trainer runs on generation tasks only (data.task e2e or generation); task '{task.name}' "
-                         "classifies: use an encoder or decoder backbone")
-    if backbone.family == "vision":
-        raise ValueError(f"model.name_or_path '{cfg.model.name_or_path}' is a vision transformer; text tasks need a "
-                         "language model (for images set data.format to imagefolder or npz)")
+    backbone.adapter.check_text_task(task, cfg.model.name_or_path)
     words = cfg.head.label_words or list(task.label_words)
     token_ids: list[int] = []
     if verbalizer:
@@ -106,6 +97,7 @@ def build_model(
                              f"{len(task.label_names)} labels {list(task.label_names)}; give one word per label")
         token_ids = label_token_ids(tokenizer, words)
     method = get_method(cfg.method.name).build(cfg.method, backbone, tokenizer)
+    assert isinstance(method, Method), f"method '{cfg.method.name}' does not implement methods.base.Method"
     head = build_head(cfg.head, backbone, num_labels=len(task.label_names), label_token_ids=token_ids)
     model = PromptModel(backbone, method, head)
     _check_positions(cfg, backbone, method)
@@ -113,17 +105,17 @@ def build_model(
     if task.generation:
         from ipt_ds.data.generation import GenerationEncoder, Seq2SeqEncoder
 
-        if backbone.family == "seq2seq":
+        if backbone.adapter.is_encoder_decoder:
             return model, Seq2SeqEncoder(tokenizer=tokenizer, template=template, max_length=cfg.data.max_length,
                                          max_target_length=cfg.generation.max_target_length,
                                          decoder_start=backbone.model.config.decoder_start_token_id)
         backbone.positions_from_mask = True  # sources are left-padded for decoding; training must use the same
         return model, GenerationEncoder(tokenizer=tokenizer, template=template, max_length=cfg.data.max_length,
                                         max_target_length=cfg.generation.max_target_length)
-    if backbone.family == "decoder" and not cfg.head.template and not template.rstrip().endswith("{mask}"):
+    if backbone.adapter.causal and not cfg.head.template and not template.rstrip().endswith("{mask}"):
         # Task templates are written for masked LMs; a decoder predicts the label word as the continuation.
         template = "{a} {b} Answer: {mask}" if "{b}" in template else "{a} Answer: {mask}"
     encoder = TextEncoder(tokenizer=tokenizer, task=task, max_length=cfg.data.max_length,
-                          template=template if verbalizer else "", decoder=backbone.family == "decoder",
+                          template=template if verbalizer else "", decoder=backbone.adapter.causal,
                           siamese=cfg.head.siamese)
     return model, encoder

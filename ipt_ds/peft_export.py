@@ -1,8 +1,9 @@
 """PEFT's adapter layout for the prompt methods PEFT also has: `adapter_config.json` + `adapter_model.safetensors`.
 
-A method opts in with `peft_adapter() -> (fields, table)`: its PEFT type and options, and the folded prompt table
-(reparameterizations already applied), which PEFT loads in inference mode as `prompt_embeddings`. Written next to the
-export (`<export>/peft/`), so that `PeftModel.from_pretrained(base_model, "<export>/peft")` reproduces the prompts.
+A method opts in when its `peft_adapter()` returns (fields, table) rather than None: its PEFT type and options, and
+the folded prompt table (reparameterizations already applied), which PEFT loads in inference mode as
+`prompt_embeddings`. Written next to the export (`<export>/peft/`), so that
+`PeftModel.from_pretrained(base_model, "<export>/peft")` reproduces the prompts.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from ipt_ds.backbone import Backbone
+from ipt_ds.methods.base import Method
 
 
 def base_model_reference(name_or_path: str) -> str:
@@ -23,11 +25,10 @@ def base_model_reference(name_or_path: str) -> str:
     return path.resolve().name if path.is_dir() else name_or_path
 
 
-def write_peft_adapter(method, backbone: Backbone, base_model: str, out_dir: Path) -> bool:
+def write_peft_adapter(method: Method, backbone: Backbone, base_model: str, out_dir: Path) -> bool:
     """Write the adapter if the method has a PEFT equivalent; returns whether it did. Call with gathered weights."""
-    adapter = getattr(method, "peft_adapter", None)
     # PEFT lays encoder-decoder prompts out differently (two transformer submodules); only the export is written
-    exported = adapter() if adapter is not None and backbone.family != "seq2seq" else None
+    exported = method.peft_adapter() if not backbone.adapter.is_encoder_decoder else None
     if exported is None:
         return False
     fields, table = exported

@@ -38,7 +38,7 @@ def describe(ipt: IPT, backbone: Backbone, tokenizer, backbone_name: str) -> dic
         "format": ARTIFACT_FORMAT,
         "encoder": cfg.encoder,
         "generator_width": cfg.generator_width if cfg.encoder else 0,
-        "num_tokens": cfg.num_tokens,
+        "num_tokens": cfg.num_virtual_tokens,  # the artifact format keeps its key
         "path": cfg.method,
         "width": instance_width(cfg, backbone),
         "vocab_size": backbone.vocab_size,

@@ -139,7 +139,7 @@ class KnowledgeRecipe(_Recipe):
         head = PooledClassifier(instance_width(cfg.method, backbone), len(self.task.label_names),
                                 cfg.objective.dropout)
         # N + 1 tokens: the first N are what fine-tuning reads ([CLS] and the text's start; the cut drops [SEP]).
-        self.encoder = TextEncoder(tokenizer=tokenizer, task=self.task, max_length=cfg.method.num_tokens + 1)
+        self.encoder = TextEncoder(tokenizer=tokenizer, task=self.task, max_length=cfg.method.num_virtual_tokens + 1)
         features = [self.encoder(e) for e in train]
         log.info("knowledge corpus: %d training and %d evaluation texts in %d categories", len(train),
                  len(self.eval_examples), len(self.task.label_names))

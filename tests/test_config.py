@@ -83,8 +83,10 @@ def test_ds_config_is_filled_from_the_yaml():
 # configs/pretrain/ holds `ipt-ds pretrain` configs; tests/test_pretrain.py loads those.
 @pytest.mark.parametrize("path", sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "pretrain"),
                          ids=lambda p: p.name)
-def test_every_shipped_yaml_loads_and_names_its_command(path: Path):
-    load_config(path)
+def test_every_shipped_yaml_loads_and_names_its_command(path: Path, caplog):
+    with caplog.at_level("WARNING", logger="ipt_ds"):
+        load_config(path)
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()], "shipped YAMLs use the current names"
     header = path.read_text().splitlines()[:5]
     assert any("ipt-ds train" in line or "ipt_ds train" in line for line in header), f"{path} must name its command"
 
@@ -121,3 +123,75 @@ def test_every_shipped_ds_config_resolves(path: Path):
     ds = resolve_ds_config(cfg, world_size=2)
     assert ds["train_batch_size"] == cfg.train.batch_size
     assert "auto" not in json.dumps(ds)
+
+
+RENAMED = {"num_tokens": "num_virtual_tokens", "bottleneck": "generator_width"}
+
+
+def test_a_renamed_key_still_loads_with_one_warning_naming_its_line_and_new_name(tmp_path, caplog):
+    old = write_config(tmp_path / "old.yaml", {"method": {"name": "lpt", "num_tokens": 3, "bottleneck": 8}})
+    new = write_config(tmp_path / "new.yaml",
+                       {"method": {"name": "lpt", "num_virtual_tokens": 3, "generator_width": 8}})
+    with caplog.at_level("WARNING", logger="ipt_ds"):
+        cfg = load_config(old)
+    assert cfg == load_config(new)
+    warnings = sorted(r.getMessage() for r in caplog.records if "deprecated" in r.getMessage())
+    lines = {key: n for n, line in enumerate(old.read_text().splitlines(), 1) for key in RENAMED if f"{key}:" in line}
+    assert warnings == sorted(f"{old}:{lines[key]}: 'method.{key}' is deprecated; rename it to 'method.{name}'"
+                              for key, name in RENAMED.items())
+
+
+def test_a_renamed_key_as_a_flag_and_the_flag_over_the_file(tmp_path, caplog):
+    old = write_config(tmp_path / "old.yaml", {"method": {"name": "ipt", "num_tokens": 3}})
+    with caplog.at_level("WARNING", logger="ipt_ds"):
+        assert load_config(old, {"method.num_virtual_tokens": "5"}).method.num_virtual_tokens == 5
+        new = write_config(tmp_path / "new.yaml", {"method": {"name": "ipt", "num_virtual_tokens": 3}})
+        assert load_config(new, {"method.num_tokens": "6"}).method.num_virtual_tokens == 6
+    assert "--method.num_tokens: 'method.num_tokens' is deprecated; rename it to 'method.num_virtual_tokens'" in [
+        r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("where", ["file", "flags"])
+def test_old_and_new_name_together_are_an_error(tmp_path, where):
+    both = {"num_tokens": 3, "num_virtual_tokens": 4}
+    if where == "file":
+        path = write_config(tmp_path / "both.yaml", {"method": {"name": "vpt", **both}})
+        args, expected = (path,), rf"{path}:\d+: 'method.num_tokens' and 'method.num_virtual_tokens' are both set"
+    else:
+        args = (None, {"method.name": "vpt", **{f"method.{k}": str(v) for k, v in both.items()}})
+        expected = "--method.num_tokens: 'method.num_tokens' and 'method.num_virtual_tokens' are both set"
+    with pytest.raises(ConfigError, match=expected + "; 'num_tokens' is the old name of 'num_virtual_tokens'"):
+        load_config(*args)
+
+
+def test_an_export_saved_with_the_old_names_loads_and_resumes(tmp_path, tiny_bert):
+    """An export's config.json and a run's config.yaml written before the rename: the export rebuilds with its trained
+    tensors, and resuming the run still checks the renamed keys."""
+    import torch
+    import yaml
+
+    from ipt_ds import checkpoint
+    from ipt_ds.config import config_from_dict
+    from ipt_ds.data.tasks import get_task
+    from ipt_ds.model import build_model
+
+    sections = {"model": {"name_or_path": str(tiny_bert)}, "data": {"max_length": 16},
+                "method": {"name": "lpt", "layer": 1, "num_virtual_tokens": 3, "generator_width": 8}}
+    cfg = config_from_dict(sections, source="test")
+    model, _ = build_model(cfg, get_task("rte"), dtype=torch.float32, ds_config=None)
+    saved = cfg.to_dict()
+    saved["method"] = {old: saved["method"].pop(new) for old, new in RENAMED.items()} | saved["method"]
+    checkpoint.export_trainable(model, tmp_path / "best", {"config": saved}, rank=0)
+    meta, tensors = checkpoint.read_export(tmp_path / "best")
+    assert "num_tokens" in meta["config"]["method"]
+    again = config_from_dict(meta["config"], source="best/config.json")
+    assert again == cfg
+    rebuilt, _ = build_model(again, get_task("rte"), dtype=torch.float32, ds_config=None)
+    checkpoint.load_trainable(rebuilt, tensors, source="best")
+    assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in rebuilt.named_parameters())
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    checkpoint.check_resume_config(tmp_path, cfg.to_dict())
+    changed = config_from_dict(sections, {"method.num_virtual_tokens": "4"}, source="test").to_dict()
+    with pytest.raises(ValueError, match=r"method.num_virtual_tokens \(was 3, now 4\)"):
+        checkpoint.check_resume_config(tmp_path, changed)

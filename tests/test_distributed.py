@@ -62,8 +62,9 @@ def test_two_ranks_match_one_rank(tmp_path, tiny_bert, one_rank_losses, stage):
     ("llama", {"name": "ptuning_v2", "num_virtual_tokens": 4, "dropout": 0.0}),
     ("bert", {"name": "bitfit"}),
     ("gpt2", {"name": "ptuning_v1", "num_virtual_tokens": 4, "placement": "split"}),
-    ("bert", {"name": "ipt", "method": "prefix-tuning", "encoder": "cnn", "num_tokens": 4, "generator_width": 8}),
-    ("llama", {"name": "lpt", "generator": "appg", "num_tokens": 4, "bottleneck": 8, "dropout": 0.0}),
+    ("bert", {"name": "ipt", "method": "prefix-tuning", "encoder": "cnn", "num_virtual_tokens": 4,
+              "generator_width": 8}),
+    ("llama", {"name": "lpt", "generator": "appg", "num_virtual_tokens": 4, "generator_width": 8, "dropout": 0.0}),
 ])
 def test_zero3_two_ranks_match_one_rank_across_methods(tmp_path, tiny_models, family, method):
     """Prefixes through a grouped-query decoder, unfrozen biases and split prompts, all partitioned by ZeRO-3."""

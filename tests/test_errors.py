@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ipt_ds import checkpoint
@@ -179,6 +179,9 @@ CLI_CASES = {
         {"train": {"batch_size": 32, "micro_batch_size": 1}}),
     "duplicate YAML key": Case("duplicate key 'optim' (also set at line", prepare=lambda p: p.cfg.write_text(
         p.cfg.read_text() + "optim:\n  lr: 0.1\noptim:\n  lr: 0.2\n")),
+    "old and new name of a key both set": Case(
+        "'method.num_tokens' and 'method.num_virtual_tokens' are both set; 'num_tokens' is the old name",
+        {"method": {"name": "lpt", "layer": 1, "num_tokens": 4}}),
     "empty YAML": Case("cfg.yaml:1: the config file holds no settings", prepare=lambda p: p.cfg.write_text("")),
     "DeepSpeed JSON that is a list": Case("ds.json: a DeepSpeed config is a JSON object",
                                           prepare=lambda p: write_ds(p, [1, 2])),
@@ -392,7 +395,7 @@ def roberta_positions(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(("method", "longest"), [
     ({"name": "prompt_tuning", "num_virtual_tokens": 4}, 28),  # 2 unused + 4 prompt + 28 = 34
     ({"name": "ptuning_v1", "num_virtual_tokens": 4}, 28),
-    ({"name": "lpt", "layer": 1, "num_tokens": 4}, 32),  # late prompts take no positions: the input's 32 only
+    ({"name": "lpt", "layer": 1, "num_virtual_tokens": 4}, 32),  # late prompts take no positions: the input's 32 only
     ({"name": "ptuning_v2", "num_virtual_tokens": 4}, 32),  # RoBERTa numbers the input from 2 whatever the cache
 ])
 def test_the_position_limit_counts_what_each_method_uses_and_robertas_offset(tmp_path, roberta_positions, method,
@@ -561,6 +564,31 @@ def test_resume_may_change_the_ranks_and_micro_batch_but_not_the_global_batch(tm
         check_run_dir(resume(**{"train.batch_size": "16"}))
 
 
+def test_resume_auto_resumes_a_checkpoint_else_starts_the_same_run_again_and_never_replaces_another(tmp_path):
+    sections = tiny_cfg(tmp_path, "minilm")
+
+    def auto(out, **flags):
+        return config_from_dict(json.loads(json.dumps(sections)), {"run.output_dir": str(out), "run.resume": "auto",
+                                                                    **flags}, source="test")
+
+    fresh = auto(tmp_path / "new")  # a first start: nothing there yet
+    check_run_dir(fresh)
+    assert (fresh.run.resume, fresh.run.overwrite) == (False, False)
+    out = tmp_path / "run"
+    fake_run(out, sections, world=2)
+    cfg = auto(out)
+    check_run_dir(cfg)
+    assert (cfg.run.resume, cfg.run.overwrite) == (True, False)
+    shutil.rmtree(out / "checkpoints")  # requeued before its first checkpoint: config.yaml and the log, no `latest`
+    cfg = auto(out)
+    check_run_dir(cfg)
+    assert (cfg.run.resume, cfg.run.overwrite) == (False, True)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=r"optim.lr \(was 0.001, now 0.5\)"):
+        check_run_dir(auto(out, **{"optim.lr": "0.5"}))
+    assert snapshot(out) == before
+
+
 def test_resume_needs_a_checkpoint_and_a_complete_one(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -654,6 +682,8 @@ def build_or_config_error(build) -> None:
 @FUZZ
 @given(data=st.dictionaries(KEYS, VALUES, max_size=5),
        overrides=st.dictionaries(st.text(alphabet="abcdefghilmnoprstuvwxyz._", max_size=20), SCALARS, max_size=3))
+@example(data={}, overrides={"head.label_words": "[no, \x07]"})  # a character YAML cannot read, in an inline list
+@example(data={"data": {"fields": "{a: [1"}}, overrides={})  # an inline mapping cut short
 def test_random_config_trees_and_flags_give_a_config_or_a_config_error(data, overrides):
     build_or_config_error(lambda: config_from_dict(data, overrides, source="fuzz"))
 

@@ -27,11 +27,11 @@ METHODS = {
     "ptuning_v1": {"name": "ptuning_v1", "num_virtual_tokens": 4},
     "prefix": {"name": "prefix", "num_virtual_tokens": 4},
     "ptuning_v2": {"name": "ptuning_v2", "num_virtual_tokens": 4},
-    "ipt_prompt": {"name": "ipt", "encoder": "cnn", "num_tokens": 4, "generator_width": 8},
-    "ipt_prefix": {"name": "ipt", "method": "prefix-tuning", "encoder": "lstm", "num_tokens": 4,
+    "ipt_prompt": {"name": "ipt", "encoder": "cnn", "num_virtual_tokens": 4, "generator_width": 8},
+    "ipt_prefix": {"name": "ipt", "method": "prefix-tuning", "encoder": "lstm", "num_virtual_tokens": 4,
                    "generator_width": 8, "instance_scale": 1.0},
-    "lpt_npg": {"name": "lpt", "layer": 1, "num_tokens": 3, "bottleneck": 8},
-    "lpt_appg": {"name": "lpt", "layer": 1, "generator": "appg", "num_tokens": 3, "bottleneck": 8},
+    "lpt_npg": {"name": "lpt", "layer": 1, "num_virtual_tokens": 3, "generator_width": 8},
+    "lpt_appg": {"name": "lpt", "layer": 1, "generator": "appg", "num_virtual_tokens": 3, "generator_width": 8},
 }
 
 

@@ -212,8 +212,8 @@ def test_chained_array_resumes_from_latest(slurm, submit_dir, run_config):
     states = slurm.jobs(job)
     assert states[jobs[1]][0] == "CANCELLED", "the first job finished before it could be cancelled: " + logs[1]
     assert states[jobs[2]] == ("COMPLETED", "0:0"), logs[2][-3000:]
-    assert "--run.resume=true" not in logs[1] and "resumed at step" not in logs[1]
-    assert "--run.resume=true" in logs[2] and "resumed at step" in logs[2]
+    assert "no checkpoint yet, starting the run" in logs[1] and "resumed at step" not in logs[1]
+    assert "resuming from the latest checkpoint" in logs[2] and "resumed at step" in logs[2]
     assert max(logged_steps(run_dir)) == num_steps
     assert (run_dir / "results.json").exists()
 
@@ -263,7 +263,7 @@ def assert_stopped_requeued_and_resumed(slurm, job: str, log: str, run_dir: Path
     assert all(received == "SIGUSR1 received here" for _, _, received in stops)  # Slurm signals every rank
     step = int(stops[0][1])
     assert "exiting with status 75" in log and f"resumed at step {step}" in log
-    assert "--run.resume=true" in log  # the requeued job resumed by itself (SLURM_RESTART_COUNT)
+    assert "--run.resume=auto" in log  # the requeued job resumed by itself (SLURM_RESTART_COUNT)
     losses = ranks.losses(run_dir)  # asserts that no step was logged twice
     assert losses == reference(len(losses)), f"stopped after step {step}"
     assert (run_dir / "results.json").exists()

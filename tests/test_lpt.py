@@ -88,7 +88,7 @@ def test_inserted_prompt_matches_a_hand_written_bert_forward(tiny_models):
     torch.testing.assert_close(late[real], expected[real], rtol=1e-4, atol=1e-5)
 
 
-LPT = {"method.name": "lpt", "method.num_tokens": 3, "method.dropout": 0.0}
+LPT = {"method.name": "lpt", "method.num_virtual_tokens": 3, "method.dropout": 0.0}
 
 
 def build(family, models, overrides, method=LPT):
@@ -130,7 +130,7 @@ def test_no_autograd_below_the_insertion_layer(family, tiny_models, data):
 
 @pytest.mark.parametrize("generator", ["appg", "mppg", "static", "cnn", "mlp", "lstm"])
 def test_every_generator_trains(generator, tiny_models, data):
-    model, encoder = build("llama", tiny_models, {"method.generator": generator, "method.bottleneck": 16})
+    model, encoder = build("llama", tiny_models, {"method.generator": generator, "method.generator_width": 16})
     batch = batch_of(encoder, data["topic"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=1e-2)

@@ -222,7 +222,7 @@ def test_report_reads_the_built_model(tmp_path, tiny_bert):
 
     assert layers_in_autograd() == ("2", 64 + 4)  # the prompt enters at the input: every layer
     assert layers_in_autograd(name="linear_probe") == ("0", 64)  # nothing trains inside the backbone
-    assert layers_in_autograd(name="lpt", layer=1, num_tokens=3) == ("1", 64 + 3)  # late prompt at layer 1 of 2
+    assert layers_in_autograd(name="lpt", layer=1, num_virtual_tokens=3) == ("1", 64 + 3)  # late prompt at layer 1 of 2
     cfg = load_config(tiny_config(tmp_path, tiny_bert))
     z2 = {p.name: p.bytes for p in report(cfg, world_size=2, stage=2)[1]}
     z3 = {p.name: p.bytes for p in report(cfg, world_size=2, stage=3)[1]}

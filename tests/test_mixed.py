@@ -34,7 +34,7 @@ def exports(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("mixed")
     bert = tiny_models["bert"]
     return {"rte": make_export(root / "rte", bert, "rte", {"name": "prompt_tuning", "num_virtual_tokens": 4}, 1),
-            "cb": make_export(root / "cb", bert, "cb", {"name": "lpt", "num_tokens": 3, "layer": 1}, 2),
+            "cb": make_export(root / "cb", bert, "cb", {"name": "lpt", "num_virtual_tokens": 3, "layer": 1}, 2),
             "sst": make_export(root / "sst", bert, "sst2", {"name": "bitfit"}, 3)}
 
 

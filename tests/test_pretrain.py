@@ -43,7 +43,7 @@ def pretrain_config(tmp: Path, model_dir: Path, **sections) -> Path:
     base = {
         "run": {"log_every": 1, "seed": 3},
         "model": {"name_or_path": str(model_dir)},
-        "method": {"name": "ipt", "encoder": "cnn", "num_tokens": NUM_TOKENS, "generator_width": WIDTH},
+        "method": {"name": "ipt", "encoder": "cnn", "num_virtual_tokens": NUM_TOKENS, "generator_width": WIDTH},
         "objective": {"name": "knowledge", "table_init": "backbone", "dropout": 0.0},
         "corpus": {"train_file": str(write_corpus(tmp / "corpus.jsonl")), "num_eval": 12},
         "train": {"batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "eval_every": 2},
@@ -58,7 +58,8 @@ def finetune_config(tmp: Path, model_dir: Path, **method) -> Path:
     data = write_entailment_task(tmp / "data")
     return write_config(tmp / "train.yaml", {
         "model": {"name_or_path": str(model_dir)},
-        "method": {"name": "ipt", "encoder": "cnn", "num_tokens": NUM_TOKENS, "generator_width": WIDTH, **method},
+        "method": {"name": "ipt", "encoder": "cnn", "num_virtual_tokens": NUM_TOKENS, "generator_width": WIDTH,
+                   **method},
         "head": {"pool": "mean"},
         "data": {"task": "rte", "format": "jsonl", "train_split": str(data["train"]), "eval_split": str(data["val"]),
                  "max_length": 64},

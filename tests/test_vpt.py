@@ -115,7 +115,7 @@ def test_deep_prompts_replace_the_previous_layers_prompt_positions():
 def test_only_prompts_and_head_train_and_the_init_follows_the_patch_size(tiny_vision_models):
     cfg = load_config(None, {"model.name_or_path": str(tiny_vision_models["vit"]), "data.format": "npz",
                              "data.task": "halves", "method.name": "vpt", "method.depth": "deep",
-                             "method.num_tokens": 50})
+                             "method.num_virtual_tokens": 50})
     model = build_image_model(cfg, 2, dtype=torch.float32, ds_config=None)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"method.prompts", "head.linear.weight",
                                                                           "head.linear.bias"}
@@ -131,7 +131,7 @@ def test_gradient_checkpointing_gives_the_same_deep_prompt_gradients(tiny_vision
         torch.manual_seed(0)
         cfg = load_config(None, {"model.name_or_path": str(tiny_vision_models["vit"]), "data.format": "npz",
                                  "data.task": "halves", "method.name": "vpt", "method.depth": "deep",
-                                 "method.num_tokens": NUM_TOKENS, "method.dropout": 0.0, "head.dropout": 0.0,
+                                 "method.num_virtual_tokens": NUM_TOKENS, "method.dropout": 0.0, "head.dropout": 0.0,
                                  "model.gradient_checkpointing": checkpointing})
         model = build_image_model(cfg, 2, dtype=torch.float32, ds_config=None).train()
         _, loss = model(image_batch(model.backbone.image, num=8))
@@ -276,7 +276,7 @@ def test_vpt_trains_on_digits_on_two_ranks_with_zero3(digits, tmp_path):
     assert json.loads((tmp_path / "vit" / "config.json").read_text())["model_type"] == "vit"
     result = run_cli("train", "configs/digits/vpt_deep_vit.yaml", f"--model.name_or_path={tmp_path / 'vit'}",
                      f"--data.root={digits}", "--deepspeed.config=ds_configs/zero3.json",
-                     f"--run.output_dir={tmp_path / 'run'}", "--method.num_tokens=4", "--train.max_steps=15",
+                     f"--run.output_dir={tmp_path / 'run'}", "--method.num_virtual_tokens=4", "--train.max_steps=15",
                      "--train.eval_every=15", "--optim.lr=0.05", "--run.log_every=1", num_ranks=2)
     assert result.returncode == 0, result.stderr[-3000:]
     on_rank, total = map(float, re.search(r"backbone bytes on rank 0: ([\d.]+) MiB of ([\d.]+) MiB",

@@ -14,17 +14,12 @@ from torch import nn
 
 from ipt_ds.backbone import Backbone
 from ipt_ds.methods import register
-from ipt_ds.methods.base import MethodConfig, run_with_input_prompt
+from ipt_ds.methods.base import MethodConfig, NoPrompt
 
 
 @dataclass(kw_only=True)
 class BitFitConfig(MethodConfig):
     name: str = "bitfit"
-
-
-class BitFit(nn.Module):
-    def forward(self, backbone: Backbone, batch: dict):
-        return run_with_input_prompt(backbone, None, batch)
 
 
 def is_bitfit_bias(module: nn.Module, name: str) -> bool:
@@ -37,4 +32,4 @@ def build(cfg: BitFitConfig, backbone: Backbone, tokenizer) -> nn.Module:
         for name, param in module.named_parameters(recurse=False):
             if is_bitfit_bias(module, name):
                 param.requires_grad_(True)
-    return BitFit()
+    return NoPrompt(backbone)

@@ -17,7 +17,7 @@ from torch import nn
 from ipt_ds.backbone import Backbone
 from ipt_ds.confload import at_least
 from ipt_ds.methods import register
-from ipt_ds.methods.base import MethodConfig, MethodOutput
+from ipt_ds.methods.base import MethodConfig, MethodModule, MethodOutput, first_prefix_layer, run_with_prefix
 
 
 @dataclass(kw_only=True)
@@ -54,14 +54,14 @@ class PrefixConfig(PTuningV2Config):
         return problems
 
 
-class DeepPrompt(nn.Module):
+class DeepPrompt(MethodModule):
     def __init__(self, cfg: PTuningV2Config, backbone: Backbone):
         super().__init__()
-        self.num_layers, self.num_kv_heads = backbone.prefix_layers, backbone.num_kv_heads
-        self.head_dim = backbone.head_dim
-        width = self.num_layers * 2 * self.num_kv_heads * self.head_dim
+        self.num_kv_heads, self.head_dim = backbone.num_kv_heads, backbone.head_dim
+        width = backbone.prefix_layers * 2 * self.num_kv_heads * self.head_dim
         num_tokens = cfg.num_virtual_tokens
         self.num_cached_prompts = num_tokens  # key/value prefixes only: nothing passes through the embeddings
+        self.first_trained_layer = first_prefix_layer(backbone)
         if cfg.projection:
             self.embedding = nn.Parameter(torch.randn(num_tokens, backbone.hidden_size) * 0.02)
             self.mlp = nn.Sequential(nn.Linear(backbone.hidden_size, cfg.projection_hidden), nn.Tanh(),
@@ -81,18 +81,7 @@ class DeepPrompt(nn.Module):
         return fields, self.prefix_table()
 
     def forward(self, backbone: Backbone, batch: dict) -> MethodOutput:
-        input_ids, mask = batch["input_ids"], batch["attention_mask"]
-        batch_size = input_ids.shape[0]
-        table = self.prefix_table()
-        num_tokens = table.shape[0]
-        kv = self.dropout(table).view(num_tokens, self.num_layers * 2, self.num_kv_heads, self.head_dim)
-        kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch_size, -1, -1, -1)  # (2L, B, kv_heads, P, d)
-        embeds = backbone.embed(input_ids)
-        kv = kv.to(embeds.dtype)
-        prefix = [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(self.num_layers)]
-        full_mask = torch.cat([mask.new_ones(batch_size, num_tokens), mask], dim=1)  # (B, P + T)
-        hidden = backbone.encode(embeds, full_mask, batch.get("token_type_ids"), prefix=prefix)
-        return MethodOutput(hidden, mask, 0)
+        return run_with_prefix(backbone, self.dropout(self.prefix_table()), batch)
 
 
 @register("ptuning_v2", PTuningV2Config)

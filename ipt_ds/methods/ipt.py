@@ -26,7 +26,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -34,7 +34,16 @@ from torch import nn
 from ipt_ds.backbone import Backbone
 from ipt_ds.confload import at_least
 from ipt_ds.methods import register
-from ipt_ds.methods.base import MethodConfig, MethodOutput, leading, run_with_input_prompt, source_mask
+from ipt_ds.methods.base import (
+    MethodConfig,
+    MethodModule,
+    MethodOutput,
+    first_prefix_layer,
+    leading,
+    run_with_input_prompt,
+    run_with_prefix,
+    source_mask,
+)
 from ipt_ds.methods.generators import build_generator
 from ipt_ds.methods.prompt_tuning import initial_prompt
 
@@ -48,6 +57,7 @@ GENERATOR_PREFIX = "generator."
 @dataclass(kw_only=True)
 class IPTConfig(MethodConfig):
     name: str = "ipt"
+    renamed: ClassVar[dict[str, str]] = {"num_tokens": "num_virtual_tokens"}
     method: Literal["prompt-tuning", "prefix-tuning"] = "prompt-tuning"
     """Where the prompt enters: the input embeddings, or the per-layer key/value prefixes."""
     instance: bool = True
@@ -62,7 +72,7 @@ class IPTConfig(MethodConfig):
     or a reference-style .pt read with weights_only)."""
     fix_emb: bool = False
     """Freeze the lookup table (the generator and task prompt still train)."""
-    num_tokens: int = 16
+    num_virtual_tokens: int = 16
     """Prompt length N = number of leading input tokens that build the instance prompt."""
     generator_width: int = 128
     """Channels per kernel (cnn), hidden size (mlp) or LSTM size per direction (lstm)."""
@@ -87,8 +97,8 @@ class IPTConfig(MethodConfig):
     """Random tables and task prompts start U(-init_range, init_range)."""
 
     def validate(self) -> list[str]:
-        problems = at_least(self, "method", 1, "num_tokens", "generator_width") + at_least(self, "method", 0,
-                                                                                             "init_range")
+        problems = at_least(self, "method", 1, "num_virtual_tokens", "generator_width")
+        problems += at_least(self, "method", 0, "init_range")
         if self.residual and not self.instance:
             problems.append("method.residual adds an instance term to the task prompt; it needs method.instance: true")
         if self.residual and self.task_prompt:
@@ -191,9 +201,9 @@ def check_pretrained(pre: Pretrained, cfg: IPTConfig, backbone: Backbone, tokeni
                         "method path?")
     if problems:
         raise ValueError("method.emb_checkpoints does not fit this run: " + "; ".join(problems))
-    if about and about["num_tokens"] != cfg.num_tokens:
+    if about and about["num_tokens"] != cfg.num_virtual_tokens:
         log.info("%s was pretrained on %d leading tokens, this run uses %d (the generators work at any length)",
-                 source, about["num_tokens"], cfg.num_tokens)
+                 source, about["num_tokens"], cfg.num_virtual_tokens)
 
 
 def load_generator(generator: nn.Module, tensors: dict[str, torch.Tensor], *, source: str) -> None:
@@ -205,7 +215,7 @@ def load_generator(generator: nn.Module, tensors: dict[str, torch.Tensor], *, so
     generator.load_state_dict(tensors)
 
 
-class IPT(nn.Module):
+class IPT(MethodModule):
     def __init__(self, cfg: IPTConfig, backbone: Backbone, pad_id: int, *, pretrained: Pretrained | None = None,
                  initial_table: torch.Tensor | None = None, task_prompt: torch.Tensor | None = None):
         """`pretrained`: what `emb_checkpoints` holds (with `instance_pretrain`); `initial_table`: a (V, D) table to
@@ -213,7 +223,7 @@ class IPT(nn.Module):
         task-level prompt to start from (prompt path)."""
         super().__init__()
         self.cfg, self.pad_id = cfg, pad_id
-        num_tokens = cfg.num_tokens
+        num_tokens = cfg.num_virtual_tokens
         self.prefix_path = cfg.method == "prefix-tuning"
         kv = backbone.num_kv_heads * backbone.head_dim
         self.shape = (backbone.prefix_layers * 2, backbone.num_kv_heads, backbone.head_dim)
@@ -222,6 +232,7 @@ class IPT(nn.Module):
         self.num_prefix_positions = 0 if self.prefix_path else num_tokens * (1 + concatenated)
         self.num_embedded_prompts = self.num_prefix_positions
         self.num_cached_prompts = num_tokens if self.prefix_path else 0
+        self.first_trained_layer = first_prefix_layer(backbone) if self.prefix_path else 0
         if self.prefix_path:
             self.task_prefix = nn.Parameter(torch.randn(num_tokens, backbone.prefix_layers * 2 * kv) * 0.02)
         elif cfg.has_task_prompt:
@@ -242,6 +253,8 @@ class IPT(nn.Module):
             elif pretrained is not None:
                 log.info("method.emb_checkpoints holds a table only: the %s generator starts from random weights",
                          cfg.encoder)
+        if not any(p.requires_grad for p in self.parameters()):  # a frozen table alone: no layer depends on training
+            self.first_trained_layer = backbone.num_layers
 
     @property
     def generator_dtype(self) -> torch.dtype:
@@ -249,7 +262,7 @@ class IPT(nn.Module):
 
     def instance_vectors(self, backbone: Backbone, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, N, D) from the first N token ids where `mask` is set (padded when the input is shorter)."""
-        ids = leading(input_ids, mask, self.cfg.num_tokens, self.pad_id)
+        ids = leading(input_ids, mask, self.cfg.num_virtual_tokens, self.pad_id)
         # the generator runs in its own dtype (bf16 / fp16 under DeepSpeed's mixed precision)
         x = self.table(ids) if hasattr(self, "table") else backbone.embed(ids).to(self.generator_dtype)
         return self.generator(x) if hasattr(self, "generator") else x
@@ -260,8 +273,7 @@ class IPT(nn.Module):
         return self.gate * term if self.cfg.residual else term
 
     def forward(self, backbone: Backbone, batch: dict) -> MethodOutput:
-        input_ids = batch["input_ids"]
-        batch_size = input_ids.shape[0]
+        batch_size = batch["input_ids"].shape[0]
         if not self.prefix_path:
             parts = [self.task_prompt.expand(batch_size, -1, -1)] if hasattr(self, "task_prompt") else []
             if self.cfg.residual:
@@ -269,21 +281,16 @@ class IPT(nn.Module):
             elif self.cfg.instance:
                 parts.append(self.instance_term(backbone, batch))
             return run_with_input_prompt(backbone, torch.cat(parts, dim=1), batch)
-        num_tokens = self.cfg.num_tokens
-        kv = self.task_prefix.view(1, num_tokens, *self.shape).expand(batch_size, -1, -1, -1, -1)  # (B, N, 2L, h, d)
+        table = self.task_prefix  # (N, 2L * kv)
         if self.cfg.instance:
+            num_tokens = self.cfg.num_virtual_tokens
+            kv = table.view(1, num_tokens, *self.shape).expand(batch_size, -1, -1, -1, -1)  # (B, N, 2L, h, d)
             term = self.instance_term(backbone, batch).view(batch_size, num_tokens, 2, *self.shape[1:])
             slots = torch.zeros_like(kv)
             for layer in self.cfg.instance_layers:
                 slots = slots.index_add(2, torch.tensor([2 * layer, 2 * layer + 1], device=kv.device), term)
-            kv = kv + (1.0 if self.cfg.residual else self.cfg.instance_scale) * slots
-        embeds = backbone.embed(input_ids)
-        kv = kv.permute(2, 0, 3, 1, 4).to(embeds.dtype)  # (2L, B, heads, N, d)
-        prefix = [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(self.shape[0] // 2)]
-        mask = batch["attention_mask"]
-        full_mask = torch.cat([mask.new_ones(batch_size, num_tokens), mask], dim=1)
-        hidden = backbone.encode(embeds, full_mask, batch.get("token_type_ids"), prefix=prefix)
-        return MethodOutput(hidden, mask, 0)
+            table = (kv + (1.0 if self.cfg.residual else self.cfg.instance_scale) * slots).flatten(2)  # (B, N, 2L * kv)
+        return run_with_prefix(backbone, table, batch)
 
 
 @register("ipt", IPTConfig)
@@ -299,7 +306,7 @@ def build(cfg: IPTConfig, backbone: Backbone, tokenizer, *, initial_table: torch
         if pretrained.generator and not cfg.encoder:
             log.info("method.emb_checkpoints also holds a %s generator; without method.encoder only its table is used",
                      pretrained.about.get("encoder", "pretrained"))
-    task_prompt = initial_prompt(backbone, tokenizer, num_tokens=cfg.num_tokens, init=cfg.init, init_text=cfg.init_text,
-                                 init_range=cfg.init_range) if cfg.has_task_prompt else None
+    task_prompt = initial_prompt(backbone, tokenizer, num_tokens=cfg.num_virtual_tokens, init=cfg.init,
+                                 init_text=cfg.init_text, init_range=cfg.init_range) if cfg.has_task_prompt else None
     return IPT(cfg, backbone, tokenizer.pad_token_id, pretrained=pretrained, initial_table=initial_table,
                task_prompt=task_prompt)

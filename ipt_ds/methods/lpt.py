@@ -4,7 +4,7 @@ Better Than Many Prompts").
 One prompt of n vectors is inserted in front of the hidden states entering one intermediate layer k, and a small
 generator builds it from the states there, so each input gets its own prompt. Layers below k take no part in
 training: they run once without autograd (no activations kept, no gradients), which is where LPT's speed and memory
-come from. Generators (bottleneck r):
+come from. Generators (width r, `generator_width`):
 - `npg`: the summary state (CLS on encoders, the last token of the template stem on decoders) -> Linear(H, r) ->
   ReLU -> Linear(r, n * H);
 - `appg` / `mppg`: Linear(H, r) on every real token -> average / max pooling into n segments (as adaptive pooling
@@ -18,7 +18,7 @@ Dropout follows the prompt, as in the reference.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -26,27 +26,29 @@ from torch import nn
 from ipt_ds.backbone import Backbone
 from ipt_ds.confload import at_least
 from ipt_ds.methods import register
-from ipt_ds.methods.base import MethodConfig, MethodOutput, leading, source_mask
+from ipt_ds.methods.base import MethodConfig, MethodModule, MethodOutput, leading, source_mask
 from ipt_ds.methods.generators import build_generator
 
 
 @dataclass(kw_only=True)
 class LPTConfig(MethodConfig):
     name: str = "lpt"
+    renamed: ClassVar[dict[str, str]] = {"num_tokens": "num_virtual_tokens", "bottleneck": "generator_width"}
     layer: int = -1
     """k: the prompt enters layer k (0-based), i.e. k frozen layers run below it without autograd; -1: the middle
     layer (num_layers // 2), the reference's choice for RoBERTa-large (12 of 24) and GPT2-large (18 of 36)."""
-    num_tokens: int = 5
+    num_virtual_tokens: int = 5
     """n: prompt length."""
     generator: Literal["npg", "appg", "mppg", "static", "cnn", "mlp", "lstm"] = "npg"
     """Prompt generator; `static` trains n vectors without one."""
-    bottleneck: int = 128
-    """r: the generator's bottleneck (width of the cnn/mlp/lstm generators)."""
+    generator_width: int = 128
+    """r: the generator's width: the bottleneck of npg/appg/mppg, the width of the cnn/mlp/lstm generators."""
     dropout: float = 0.1
     """Dropout on the generated prompt (training only)."""
 
     def validate(self) -> list[str]:
-        problems = at_least(self, "method", 1, "num_tokens", "bottleneck") + at_least(self, "method", -1, "layer")
+        problems = at_least(self, "method", 1, "num_virtual_tokens", "generator_width")
+        problems += at_least(self, "method", -1, "layer")
         if not 0 <= self.dropout < 1:
             problems.append(f"method.dropout must be in [0, 1), got {self.dropout}")
         return problems
@@ -70,12 +72,13 @@ def segment_pool(x: torch.Tensor, mask: torch.Tensor, num_segments: int, how: st
     return x[:, None].masked_fill(~member[..., None], float("-inf")).amax(dim=2)
 
 
-class LPT(nn.Module):
+class LPT(MethodModule):
     def __init__(self, cfg: LPTConfig, backbone: Backbone, layer: int):
         super().__init__()
-        self.cfg, self.layer, self.family = cfg, layer, backbone.family
-        num_tokens, hidden, width = cfg.num_tokens, backbone.hidden_size, cfg.bottleneck
+        self.cfg, self.layer, self.causal = cfg, layer, backbone.adapter.causal
+        num_tokens, hidden, width = cfg.num_virtual_tokens, backbone.hidden_size, cfg.generator_width
         self.num_prefix_positions = num_tokens
+        self.first_trained_layer = layer  # the layers below run without autograd on the input alone
         self.num_embedded_prompts = 0  # the prompt enters above the embeddings: it takes no position ids
         if cfg.generator == "npg":
             self.down, self.up = nn.Linear(hidden, width), nn.Linear(width, num_tokens * hidden)
@@ -90,12 +93,12 @@ class LPT(nn.Module):
     def make_prompt(self, states: torch.Tensor, batch: dict) -> torch.Tensor:
         """(B, T, H) states entering layer k -> (B, n, H) prompt."""
         states = states.to(next(self.parameters()).dtype)  # the generator's dtype (bf16 under mixed precision)
-        batch_size, num_tokens = states.shape[0], self.cfg.num_tokens
+        batch_size, num_tokens = states.shape[0], self.cfg.num_virtual_tokens
         mask = source_mask(batch)
         kind = self.cfg.generator
         if kind == "npg":
             rows = torch.arange(batch_size, device=states.device)
-            if self.family != "decoder":
+            if not self.causal:
                 index = torch.zeros_like(rows)  # CLS (an encoder-decoder's encoder: its first token)
             else:  # causal: the end of the template stem has seen the whole input
                 index = batch.get("label_position", mask.sum(dim=1) - 1)
@@ -115,9 +118,9 @@ class LPT(nn.Module):
         embeds = backbone.embed(batch["input_ids"])
         hidden = backbone.encode_late(embeds, mask, batch.get("token_type_ids"), layer=self.layer,
                                       make_prompt=lambda states: self.make_prompt(states, batch),
-                                      num_prompt=self.cfg.num_tokens)
-        full_mask = torch.cat([mask.new_ones(mask.shape[0], self.cfg.num_tokens), mask], dim=1)
-        return MethodOutput(hidden, full_mask, self.cfg.num_tokens)
+                                      num_prompt=self.cfg.num_virtual_tokens)
+        full_mask = torch.cat([mask.new_ones(mask.shape[0], self.cfg.num_virtual_tokens), mask], dim=1)
+        return MethodOutput(hidden, full_mask, self.cfg.num_virtual_tokens)
 
 
 @register("lpt", LPTConfig)

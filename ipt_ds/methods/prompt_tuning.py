@@ -16,7 +16,7 @@ from torch import nn
 from ipt_ds.backbone import Backbone, embedding_rows
 from ipt_ds.confload import at_least
 from ipt_ds.methods import register
-from ipt_ds.methods.base import MethodConfig, MethodOutput, run_with_input_prompt
+from ipt_ds.methods.base import MethodConfig, MethodModule, MethodOutput, run_with_input_prompt
 
 # Lester et al. sample initial tokens among the 5,000 most frequent; BPE/WordPiece vocabularies are roughly
 # frequency-ordered after their special tokens.
@@ -41,7 +41,7 @@ class PromptTuningConfig(MethodConfig):
         return problems
 
 
-class PromptTuning(nn.Module):
+class PromptTuning(MethodModule):
     def __init__(self, prompt: torch.Tensor):
         super().__init__()
         self.prompt = nn.Parameter(prompt)  # (P, H)

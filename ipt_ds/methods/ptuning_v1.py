@@ -17,7 +17,7 @@ from torch import nn
 from ipt_ds.backbone import Backbone
 from ipt_ds.confload import at_least
 from ipt_ds.methods import register
-from ipt_ds.methods.base import MethodConfig, MethodOutput, run_with_input_prompt
+from ipt_ds.methods.base import MethodConfig, MethodModule, MethodOutput, run_with_input_prompt
 
 
 @dataclass(kw_only=True)
@@ -36,7 +36,7 @@ class PTuningV1Config(MethodConfig):
         return at_least(self, "method", 1, "num_virtual_tokens") + at_least(self, "method", 0, "encoder_hidden")
 
 
-class PTuningV1(nn.Module):
+class PTuningV1(MethodModule):
     def __init__(self, cfg: PTuningV1Config, hidden_size: int):
         super().__init__()
         self.placement = cfg.placement

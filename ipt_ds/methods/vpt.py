@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -22,15 +22,16 @@ from torch import nn
 from ipt_ds.backbone import Backbone
 from ipt_ds.confload import at_least
 from ipt_ds.methods import register
-from ipt_ds.methods.base import MethodConfig, MethodOutput
+from ipt_ds.methods.base import MethodConfig, MethodModule, MethodOutput
 
 
 @dataclass(kw_only=True)
 class VPTConfig(MethodConfig):
     name: str = "vpt"
+    renamed: ClassVar[dict[str, str]] = {"num_tokens": "num_virtual_tokens"}
     depth: Literal["shallow", "deep"] = "shallow"
     """shallow: P prompts before the first layer; deep: new P prompts at every layer (L·P vectors)."""
-    num_tokens: int = 10
+    num_virtual_tokens: int = 10
     """Prompt length P (the paper picks it per task from 1 to 200)."""
     init: Literal["xavier", "uniform", "normal"] = "xavier"
     """xavier: U(+-sqrt(6 / (C·p² + H))) from the patch size, as the reference; uniform: U(+-init_scale);
@@ -41,7 +42,7 @@ class VPTConfig(MethodConfig):
     """Dropout on the prompt vectors in training (0.1 in the reference configs)."""
 
     def validate(self) -> list[str]:
-        problems = at_least(self, "method", 1, "num_tokens")
+        problems = at_least(self, "method", 1, "num_virtual_tokens")
         if not 0 <= self.dropout < 1:
             problems.append(f"method.dropout must be in [0, 1), got {self.dropout}")
         if not self.init_scale > 0:
@@ -49,11 +50,12 @@ class VPTConfig(MethodConfig):
         return problems
 
 
-class VisualPrompt(nn.Module):
+class VisualPrompt(MethodModule):
     def __init__(self, prompts: torch.Tensor, *, num_leading: int, deep: bool, dropout: float):
         super().__init__()
         self.prompts = nn.Parameter(prompts)  # (L or 1, P, H)
         self.num_leading, self.deep = num_leading, deep
+        self.num_prefix_positions = prompts.shape[1]  # after the embeddings: they take no position ids
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, backbone: Backbone, batch: dict) -> MethodOutput:
@@ -79,7 +81,7 @@ class VisualPrompt(nn.Module):
 
 def initial_prompts(cfg: VPTConfig, backbone: Backbone) -> torch.Tensor:
     image = backbone.image
-    shape = (backbone.num_layers if cfg.depth == "deep" else 1, cfg.num_tokens, backbone.hidden_size)
+    shape = (backbone.num_layers if cfg.depth == "deep" else 1, cfg.num_virtual_tokens, backbone.hidden_size)
     if cfg.init == "normal":
         return torch.randn(shape) * cfg.init_scale
     if cfg.init == "uniform":

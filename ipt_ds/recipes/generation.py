@@ -63,7 +63,7 @@ def generate(model, batch: dict, cfg: GenerationConfig, tokenizer, *, synced: bo
     left-padded (`GenerationEncoder.collate_sources`).
     `synced`: every rank must call this (ZeRO-3): ranks that finish early keep joining the others' forwards."""
     backbone = model.backbone
-    if backbone.family == "seq2seq":
+    if backbone.adapter.is_encoder_decoder:
         return _generate_seq2seq(model, batch, cfg, tokenizer, synced=synced)
     with backbone.capturing() as caches:
         model.method(backbone, batch)

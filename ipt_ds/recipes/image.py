@@ -46,7 +46,7 @@ def build_image_model(cfg: Config, num_labels: int, *, dtype: torch.dtype, ds_co
     if cfg.head.type != "linear" or cfg.head.siamese:
         raise ValueError("image tasks take head.type linear without head.siamese (a verbalizer needs a vocabulary)")
     backbone, _ = load_backbone(cfg.model, dtype=dtype, with_lm_head=False, ds_config=ds_config)
-    if backbone.family != "vision":
+    if not backbone.adapter.takes_images:
         raise ValueError(f"model.name_or_path '{cfg.model.name_or_path}' is a '{backbone.model.config.model_type}' "
                          f"model; data.format {cfg.data.format} needs a vision transformer ({', '.join(VISION_TYPES)})")
     method = spec.build(cfg.method, backbone, None)
