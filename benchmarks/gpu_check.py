@@ -40,7 +40,8 @@ PROMPT = 8  # prompt vectors of every method
 
 def method_section(method: str, num_layers: int) -> dict:
     return {
-        "ipt": {"name": "ipt", "method": "prompt-tuning", "instance": True, "encoder": "cnn", "num_virtual_tokens": PROMPT},
+        "ipt": {"name": "ipt", "method": "prompt-tuning", "instance": True, "encoder": "cnn",
+                "num_virtual_tokens": PROMPT},
         "lpt": {"name": "lpt", "layer": num_layers // 2, "num_virtual_tokens": PROMPT, "generator": "npg"},
         "prefix": {"name": "prefix", "num_virtual_tokens": PROMPT},
     }[method]

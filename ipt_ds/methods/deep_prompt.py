@@ -16,8 +16,8 @@ from torch import nn
 
 from ipt_ds.backbone import Backbone
 from ipt_ds.confload import at_least
-from ipt_ds.methods import register
 from ipt_ds.methods.base import MethodConfig, MethodModule, MethodOutput, first_prefix_layer, run_with_prefix
+from ipt_ds.methods.registry import register
 
 
 @dataclass(kw_only=True)

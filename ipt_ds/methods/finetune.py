@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ipt_ds.backbone import Backbone
-from ipt_ds.methods import register
 from ipt_ds.methods.base import MethodConfig, NoPrompt
+from ipt_ds.methods.registry import register
 
 
 @dataclass(kw_only=True)

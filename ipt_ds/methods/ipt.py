@@ -33,7 +33,6 @@ from torch import nn
 
 from ipt_ds.backbone import Backbone
 from ipt_ds.confload import at_least
-from ipt_ds.methods import register
 from ipt_ds.methods.base import (
     MethodConfig,
     MethodModule,
@@ -46,6 +45,7 @@ from ipt_ds.methods.base import (
 )
 from ipt_ds.methods.generators import build_generator
 from ipt_ds.methods.prompt_tuning import initial_prompt
+from ipt_ds.methods.registry import register
 
 log = logging.getLogger(__name__)
 ARTIFACT_FORMAT = "ipt-ds instance prompts v1"

@@ -25,9 +25,9 @@ from torch import nn
 
 from ipt_ds.backbone import Backbone
 from ipt_ds.confload import at_least
-from ipt_ds.methods import register
 from ipt_ds.methods.base import MethodConfig, MethodModule, MethodOutput, leading, source_mask
 from ipt_ds.methods.generators import build_generator
+from ipt_ds.methods.registry import register
 
 
 @dataclass(kw_only=True)

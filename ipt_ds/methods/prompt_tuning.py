@@ -15,8 +15,8 @@ from torch import nn
 
 from ipt_ds.backbone import Backbone, embedding_rows
 from ipt_ds.confload import at_least
-from ipt_ds.methods import register
 from ipt_ds.methods.base import MethodConfig, MethodModule, MethodOutput, run_with_input_prompt
+from ipt_ds.methods.registry import register
 
 # Lester et al. sample initial tokens among the 5,000 most frequent; BPE/WordPiece vocabularies are roughly
 # frequency-ordered after their special tokens.
