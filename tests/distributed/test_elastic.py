@@ -15,7 +15,7 @@ from ipt_ds.checkpoint import TRAINABLE_STATE, remove_checkpoints
 from ipt_ds.data.pipeline import global_train_batches, rank_share
 from tests import ranks
 from tests.conftest import read_log
-from tests.test_reliability import finish, reliability_config, start
+from tests.distributed.test_reliability import finish, reliability_config, start
 
 NUM_STEPS = 9  # 8 steps per epoch (64 examples, global batch 8): the run crosses an epoch
 # Dropout off: random states do not carry over to another number of ranks (docs/reliability.md, "Elastic resume").
