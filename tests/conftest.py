@@ -1,4 +1,15 @@
-"""Shared test fixtures: tiny random backbones saved as real HF model directories, synthetic tasks, run helpers."""
+"""Shared test fixtures: tiny random backbones saved as real HF model directories, synthetic tasks, run helpers.
+
+The suite is split by cost, one rule per test (its fixtures included):
+- tests/unit: runs in the pytest process. Short helper processes that build no DeepSpeed engine are allowed: an
+  `ipt-ds` command refused before training (exit status 2), `--help`, `show-config`, `estimate`, shellcheck, a
+  snippet that needs a fresh interpreter.
+- tests/distributed: starts a process that builds a DeepSpeed engine (`ipt-ds train`, `evaluate`, `predict`,
+  `pretrain`; on one rank or more, directly or through the deepspeed launcher) or submits a Slurm job.
+Each test is marked `unit` or `distributed` from its folder, and `slurm` when it uses the Slurm cluster
+(`pytest -m "not slurm"`). Helpers shared by both folders (this file, ranks.py, slurm_cluster.py, the scripts
+frozen_probe.py and zero3_release.py, fixtures/) stay here in tests/.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +27,22 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # DeepSpeed JIT-builds its CPU communication op per Python environment; a cache of this venv's own keeps other
 # checkouts' builds (and their locks) out of the way.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
+TESTS = Path(__file__).resolve().parent
+SUITES = ("unit", "distributed")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its folder's name, and `slurm` where it runs jobs on the Slurm cluster."""
+    for item in items:
+        suite = item.path.resolve().relative_to(TESTS).parts[0]
+        if suite not in SUITES:
+            raise pytest.UsageError(f"{item.nodeid}: a test belongs in tests/unit or tests/distributed (see "
+                                    "tests/conftest.py for which)")
+        item.add_marker(suite)
+        if "slurm" in item.fixturenames:
+            item.add_marker("slurm")
 
 
 def minilm_dir() -> Path:

@@ -84,16 +84,6 @@ def test_run_writes_small_checkpoint_and_export_that_evaluate_and_predict_use(tm
     assert again.returncode == 2 and "exists" in again.stderr  # never overwrites
 
 
-def test_existing_run_is_never_overwritten_without_asking(tmp_path, tiny_bert):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
-    result = run_cli("train", str(tiny_config(tmp_path, tiny_bert)), f"--run.output_dir={out}")
-    assert result.returncode == 2
-    assert "already holds a run; pass --run.resume=true" in result.stderr
-    assert (out / "keep.txt").read_text() == "precious"
-
-
 def test_resume_from_latest_continues_the_exact_loss_sequence(tmp_path, tiny_bert):
     cfg = tiny_config(tmp_path, tiny_bert)
     common = ["--run.log_every=1", "--optim.schedule=constant", "--optim.warmup_ratio=0", "--head.dropout=0.3"]
@@ -111,11 +101,3 @@ def test_resume_from_latest_continues_the_exact_loss_sequence(tmp_path, tiny_ber
         return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
     assert losses("b") == losses("a")  # bitwise: same data order, dropout draws, optimizer state
-
-
-def test_estimate_prints_the_counts_before_a_run(tmp_path, tiny_bert):
-    result = run_cli("estimate", str(tiny_config(tmp_path, tiny_bert)))
-    assert result.returncode == 0, result.stderr[-3000:]
-    hidden, num_prompt, num_labels = 32, 4, 2
-    trainable = num_prompt * hidden + hidden * num_labels + num_labels
-    assert f"total     {trainable:>14,} trainable of" in result.stdout
