@@ -1,5 +1,6 @@
 """Reliability on real 2-rank runs: exact resume after kill -9, kills during a checkpoint save, rank failures that
-stop every rank in bounded time, and NaN/inf steps (the checks that need no ranks: tests/unit/test_reliability.py). Faults are injected with IPT_DS_FAULT (ipt_ds/failures.py).
+stop every rank in bounded time, and NaN/inf steps (the checks that need no ranks: tests/unit/test_reliability.py).
+Faults are injected with IPT_DS_FAULT (ipt_ds/failures.py).
 
 Runs start the ranks directly (as `srun` would) unless a test is about the `deepspeed` launcher, so what bounds a
 failure is the trainer itself. Full fine-tuning with dropout on: an exact resume needs every rank's RNG back.
