@@ -164,14 +164,32 @@ def deepspeed_command(num_ranks: int, *args: str, port: str | None = None) -> li
     return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_ranks), "--master_port", port, *args]
 
 
-def run_cli(*args: str, num_ranks: int = 1, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `ipt-ds ARGS` in real processes: directly for one rank, through the deepspeed launcher for more."""
+def start_cli(*args: str, num_ranks: int = 1, env: dict | None = None) -> subprocess.Popen:
+    """Start `ipt-ds ARGS` in real processes: directly for one rank, through the deepspeed launcher for more. Runs
+    that do not depend on each other start together and are waited for with `finish_cli`: on 2 cores a run spends
+    much of its time importing and starting up on one core."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
     if num_ranks == 1:
         cmd = [sys.executable, "-m", "ipt_ds", *args]
     else:
         cmd = deepspeed_command(num_ranks, "--module", "ipt_ds", *args)
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_cli(process: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Wait for a run from `start_cli`; its exit status and output, as `subprocess.run` gives them."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_cli(*args: str, num_ranks: int = 1, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `ipt-ds ARGS` in real processes and wait for it (see `start_cli`)."""
+    return finish_cli(start_cli(*args, num_ranks=num_ranks, env=env), timeout)
 
 
 def read_log(run_dir: Path, key: str) -> list[float]:
