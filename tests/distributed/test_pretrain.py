@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from ipt_ds.methods.generators import build_generator
-from tests.conftest import REPO, read_log, run_cli, write_entailment_task
+from tests.conftest import REPO, finish_cli, read_log, run_cli, start_cli, write_entailment_task
 from tests.unit.test_pretrain import (
     COLORS,
     HIDDEN,
@@ -134,9 +134,11 @@ def test_transfer_objective_resumes_from_latest_exactly(tmp_path, tiny_bert):
         "tasks": [f"jsonl/rte:{data['train']}", f"jsonl/sst2:{write_sentiment(tmp_path / 'sst2.jsonl')}"],
         "num_eval_per_task": 8, "max_length": 32})
     common = ["--train.micro_batch_size=8"]
-    straight = run_cli("pretrain", str(cfg), f"--run.output_dir={tmp_path / 'a'}", *common)
+    straight = start_cli("pretrain", str(cfg), f"--run.output_dir={tmp_path / 'a'}", *common)
+    first = finish_cli(start_cli("pretrain", str(cfg), f"--run.output_dir={tmp_path / 'b'}", "--train.max_steps=2",
+                                 *common))  # while the straight run trains
+    straight = finish_cli(straight)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    first = run_cli("pretrain", str(cfg), f"--run.output_dir={tmp_path / 'b'}", "--train.max_steps=2", *common)
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = run_cli("pretrain", str(cfg), f"--run.output_dir={tmp_path / 'b'}", "--run.resume=true", *common)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -9,7 +9,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_cli, write_config, write_entailment_task
+from tests.conftest import REPO, finish_cli, run_cli, start_cli, write_config, write_entailment_task
 
 
 def tiny_config(tmp_path, model_dir, **method):
@@ -87,9 +87,11 @@ def test_run_writes_small_checkpoint_and_export_that_evaluate_and_predict_use(tm
 def test_resume_from_latest_continues_the_exact_loss_sequence(tmp_path, tiny_bert):
     cfg = tiny_config(tmp_path, tiny_bert)
     common = ["--run.log_every=1", "--optim.schedule=constant", "--optim.warmup_ratio=0", "--head.dropout=0.3"]
-    straight = run_cli("train", str(cfg), f"--run.output_dir={tmp_path / 'a'}", "--train.max_steps=8", *common)
+    straight = start_cli("train", str(cfg), f"--run.output_dir={tmp_path / 'a'}", "--train.max_steps=8", *common)
+    first = finish_cli(start_cli("train", str(cfg), f"--run.output_dir={tmp_path / 'b'}", "--train.max_steps=4",
+                                 *common))  # while the straight run trains
+    straight = finish_cli(straight)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    first = run_cli("train", str(cfg), f"--run.output_dir={tmp_path / 'b'}", "--train.max_steps=4", *common)
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = run_cli("train", str(cfg), f"--run.output_dir={tmp_path / 'b'}", "--train.max_steps=8",
                       "--run.resume=true", *common)
