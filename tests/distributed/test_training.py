@@ -66,13 +66,14 @@ def test_run_writes_small_checkpoint_and_export_that_evaluate_and_predict_use(tm
     checkpoint_bytes = sum(f.stat().st_size for f in (out / "checkpoints").rglob("*") if f.is_file())
     assert checkpoint_bytes < 1_000_000, "the resume checkpoint must not contain the frozen backbone"
 
-    evaluated = run_cli("evaluate", str(out / "best"))
+    predictions = tmp_path / "pred.jsonl"
+    val = tmp_path / "data" / "val.jsonl"
+    evaluating = start_cli("evaluate", str(out / "best"))  # evaluate and predict at once
+    predicted = run_cli("predict", str(out / "best"), f"--input={val}", f"--output={predictions}")
+    evaluated = finish_cli(evaluating)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads(evaluated.stdout.splitlines()[-1])["acc"] == pytest.approx(results["eval"]["acc"])
 
-    predictions = tmp_path / "pred.jsonl"
-    val = tmp_path / "data" / "val.jsonl"
-    predicted = run_cli("predict", str(out / "best"), f"--input={val}", f"--output={predictions}")
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     gold = [json.loads(line)["label"] for line in val.read_text().splitlines()]
