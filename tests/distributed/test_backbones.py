@@ -7,24 +7,41 @@ import math
 
 import pytest
 
-from tests.conftest import run_cli, write_config, write_entailment_task
+from tests.conftest import finish_cli, start_cli, write_config, write_entailment_task
+
+FAMILIES_TRAINED = ["bert", "roberta", "gpt2", "llama"]
+HEADS = ["linear", "verbalizer"]
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "gpt2", "llama"])
-@pytest.mark.parametrize("head", ["linear", "verbalizer"])
-def test_family_trains_with_head(tmp_path, tiny_models, family, head):
-    data = write_entailment_task(tmp_path / "data", num_train=32, num_eval=16)
-    cfg = write_config(tmp_path / "cfg.yaml", {
-        "model": {"name_or_path": str(tiny_models[family])},
-        "method": {"name": "ptuning_v2", "num_virtual_tokens": 3},
-        "head": {"type": head},
-        "data": {"task": "rte", "format": "jsonl", "train_split": str(data["train"]), "eval_split": str(data["val"]),
-                 "max_length": 48},
-        "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 3},
-        "run": {"log_every": 1},
-    })
-    out = tmp_path / "run"
-    result = run_cli("train", str(cfg), f"--run.output_dir={out}")
+@pytest.fixture(scope="module")
+def family_runs(tmp_path_factory, tiny_models):
+    """Every family x head run (1 rank, 3 steps), all started at once: on 2 cores each spends most of its time starting
+    up on one core. Each test waits for its own; returns (run directory, process) per cell."""
+    runs = {}
+    for family in FAMILIES_TRAINED:
+        for head in HEADS:
+            tmp = tmp_path_factory.mktemp(f"{family}-{head}")
+            data = write_entailment_task(tmp / "data", num_train=32, num_eval=16)
+            cfg = write_config(tmp / "cfg.yaml", {
+                "model": {"name_or_path": str(tiny_models[family])},
+                "method": {"name": "ptuning_v2", "num_virtual_tokens": 3},
+                "head": {"type": head},
+                "data": {"task": "rte", "format": "jsonl", "train_split": str(data["train"]),
+                         "eval_split": str(data["val"]), "max_length": 48},
+                "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 3},
+                "run": {"log_every": 1},
+            })
+            runs[family, head] = tmp / "run", start_cli("train", str(cfg), f"--run.output_dir={tmp / 'run'}")
+    yield runs
+    for _, process in runs.values():  # the runs of tests that were not reached
+        process.kill()
+
+
+@pytest.mark.parametrize("family", FAMILIES_TRAINED)
+@pytest.mark.parametrize("head", HEADS)
+def test_family_trains_with_head(family_runs, family, head):
+    out, process = family_runs[family, head]
+    result = finish_cli(process)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [json.loads(line)["train/loss"] for line in (out / "log.jsonl").read_text().splitlines()
               if "train/loss" in line]
