@@ -5,7 +5,7 @@ NUM_RANKS ?= 2
 DEMO_CONFIG ?= configs/rte/prompt_tuning_minilm.yaml
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-unit test-distributed install-slurm lint clean
 
 setup: $(VENV)/.installed
 
@@ -23,10 +23,20 @@ demo: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NUM_RANKS) --module ipt_ds train $(DEMO_CONFIG) \
 		--run.output_dir=runs/demo --run.overwrite=true
 
-test: setup
+test: setup install-slurm
+	$(PY) -m pytest -q
+
+# In-process tests with tiny models (a few minutes on 2 cores).
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+# Tests that start DeepSpeed engines in their own processes, ranks and Slurm jobs.
+test-distributed: setup install-slurm
+	$(PY) -m pytest -q tests/distributed
+
+install-slurm:
 	# Debian's Slurm for the launcher tests (needs apt as root or sudo; without it those tests skip and say why).
 	.ci/install-slurm.sh || echo "Slurm not installed: the Slurm launcher tests will skip"
-	$(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check ipt_ds pretrain tests benchmarks

@@ -1,4 +1,15 @@
-"""Shared test fixtures: tiny random backbones saved as real HF model directories, synthetic tasks, run helpers."""
+"""Shared test fixtures: tiny random backbones saved as real HF model directories, synthetic tasks, run helpers.
+
+The suite is split by cost, one rule per test (its fixtures included):
+- tests/unit: runs in the pytest process. Short helper processes that build no DeepSpeed engine are allowed: an
+  `ipt-ds` command refused before training (exit status 2), `--help`, `show-config`, `estimate`, shellcheck, a
+  snippet that needs a fresh interpreter.
+- tests/distributed: starts a process that builds a DeepSpeed engine (`ipt-ds train`, `evaluate`, `predict`,
+  `pretrain`; on one rank or more, directly or through the deepspeed launcher) or submits a Slurm job.
+Each test is marked `unit` or `distributed` from its folder, and `slurm` when it uses the Slurm cluster
+(`pytest -m "not slurm"`). Helpers shared by both folders (this file, ranks.py, slurm_cluster.py, the scripts
+frozen_probe.py and zero3_release.py, fixtures/) stay here in tests/.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +27,22 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # DeepSpeed JIT-builds its CPU communication op per Python environment; a cache of this venv's own keeps other
 # checkouts' builds (and their locks) out of the way.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
+TESTS = Path(__file__).resolve().parent
+SUITES = ("unit", "distributed")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its folder's name, and `slurm` where it runs jobs on the Slurm cluster."""
+    for item in items:
+        suite = item.path.resolve().relative_to(TESTS).parts[0]
+        if suite not in SUITES:
+            raise pytest.UsageError(f"{item.nodeid}: a test belongs in tests/unit or tests/distributed (see "
+                                    "tests/conftest.py for which)")
+        item.add_marker(suite)
+        if "slurm" in item.fixturenames:
+            item.add_marker("slurm")
 
 
 def minilm_dir() -> Path:
@@ -137,14 +164,32 @@ def deepspeed_command(num_ranks: int, *args: str, port: str | None = None) -> li
     return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_ranks), "--master_port", port, *args]
 
 
-def run_cli(*args: str, num_ranks: int = 1, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `ipt-ds ARGS` in real processes: directly for one rank, through the deepspeed launcher for more."""
+def start_cli(*args: str, num_ranks: int = 1, env: dict | None = None) -> subprocess.Popen:
+    """Start `ipt-ds ARGS` in real processes: directly for one rank, through the deepspeed launcher for more. Runs
+    that do not depend on each other start together and are waited for with `finish_cli`: on 2 cores a run spends
+    much of its time importing and starting up on one core."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
     if num_ranks == 1:
         cmd = [sys.executable, "-m", "ipt_ds", *args]
     else:
         cmd = deepspeed_command(num_ranks, "--module", "ipt_ds", *args)
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_cli(process: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Wait for a run from `start_cli`; its exit status and output, as `subprocess.run` gives them."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_cli(*args: str, num_ranks: int = 1, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `ipt-ds ARGS` in real processes and wait for it (see `start_cli`)."""
+    return finish_cli(start_cli(*args, num_ranks=num_ranks, env=env), timeout)
 
 
 def read_log(run_dir: Path, key: str) -> list[float]:

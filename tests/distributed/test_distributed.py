@@ -11,7 +11,16 @@ import subprocess
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, deepspeed_command, read_log, run_cli, write_config, write_entailment_task
+from tests.conftest import (
+    REPO,
+    deepspeed_command,
+    finish_cli,
+    read_log,
+    run_cli,
+    start_cli,
+    write_config,
+    write_entailment_task,
+)
 
 NUM_STEPS = 6
 
@@ -68,13 +77,16 @@ def test_two_ranks_match_one_rank(tmp_path, tiny_bert, one_rank_losses, stage):
 ])
 def test_zero3_two_ranks_match_one_rank_across_methods(tmp_path, tiny_models, family, method):
     """Prefixes through a grouped-query decoder, unfrozen biases and split prompts, all partitioned by ZeRO-3."""
-    losses = {}
-    for num_ranks in (1, 2):
+    started = {}
+    for num_ranks in (1, 2):  # both runs at once
         run = tmp_path / f"ranks{num_ranks}"
         cfg = tiny_run_config(run, tiny_models[family], "ds_configs/zero3.json", method)
-        result = run_cli("train", str(cfg), f"--run.output_dir={run / 'out'}", num_ranks=num_ranks)
+        started[num_ranks] = start_cli("train", str(cfg), f"--run.output_dir={run / 'out'}", num_ranks=num_ranks)
+    losses = {}
+    for num_ranks, process in started.items():
+        result = finish_cli(process)
         assert result.returncode == 0, result.stderr[-3000:]
-        losses[num_ranks] = read_log(run / "out", "train/loss")
+        losses[num_ranks] = read_log(tmp_path / f"ranks{num_ranks}" / "out", "train/loss")
     assert np.std(losses[1]) > 1e-3
     np.testing.assert_allclose(losses[2], losses[1], rtol=2e-4)
 

@@ -1,5 +1,5 @@
 """Mixed-task prediction: rows of two tasks in one file, each answered by its own export over one shared backbone,
-with the same scores as `ipt-ds predict` gives per export."""
+in one process (the comparison with `ipt-ds predict`: tests/distributed/test_mixed.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from ipt_ds import checkpoint, mixed
 from ipt_ds.config import load_config
 from ipt_ds.data.tasks import get_task
 from ipt_ds.model import build_model
-from tests.conftest import run_cli
 
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 4, "train_batch_size": 4, "zero_optimization": {"stage": 0}}
 
@@ -50,30 +49,6 @@ ROWS = [
     {"export": "rte", "premise": "The shop opens at nine.", "hypothesis": "The shop opens."},
     {"export": "cb", "premise": "She said he might come.", "hypothesis": "he will come"},
 ]
-
-
-def test_each_row_gets_its_exports_prediction_as_predict_gives_it(tmp_path, exports):
-    names = {name: str(path) for name, path in exports.items()}
-    spec = ",".join(f"{name}={path}" for name, path in names.items())
-    mixed_file = write_rows(tmp_path / "mixed.jsonl", ROWS)
-    out = tmp_path / "out.jsonl"
-    result = run_cli("predict-mixed", f"--exports={spec}", f"--input={mixed_file}", f"--output={out}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    got = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [g["line"] for g in got] == [1, 2, 3, 4, 5] and [g["export"] for g in got] == [r["export"] for r in ROWS]
-    assert "(shared backbone)" in result.stderr and "(own backbone)" in result.stderr  # bitfit trained the biases
-
-    for name in ("cb", "sst"):  # the reference: `ipt-ds predict` on that export's rows alone (shared, own backbone)
-        path = names[name]
-        own = write_rows(tmp_path / f"{name}.jsonl", [{k: v for k, v in r.items() if k != "export"}
-                                                      for r in ROWS if r["export"] == name])
-        ref = run_cli("predict", path, f"--input={own}", f"--output={tmp_path / f'{name}.out.jsonl'}")
-        assert ref.returncode == 0, ref.stderr[-3000:]
-        expected = [json.loads(line) for line in (tmp_path / f"{name}.out.jsonl").read_text().splitlines()]
-        mine = [g for g in got if g["export"] == name]
-        assert [m["prediction"] for m in mine] == [e["prediction"] for e in expected]
-        torch.testing.assert_close(torch.tensor([m["scores"] for m in mine]),
-                                   torch.tensor([e["scores"] for e in expected]), rtol=1e-4, atol=1e-5)
 
 
 def test_prompt_exports_share_one_backbone_in_memory(exports):

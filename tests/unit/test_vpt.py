@@ -1,12 +1,11 @@
 """Visual prompt tuning on tiny random vision transformers: where the prompts enter, that deep prompts replace the
 previous layer's prompt positions instead of piling up, the image readers and their errors, the `make-digits` and
-`make-vit` commands, and one 2-rank ZeRO-3 run on the digits through the CLI. The count / gradient / frozen-weight
-checks of every image method live in the registry grid (test_methods_grid.py)."""
+`make-vit` commands (the 2-rank ZeRO-3 run on the digits: tests/distributed/test_vpt.py). The count / gradient /
+frozen-weight checks of every image method live in the registry grid (test_methods_grid.py)."""
 
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -17,8 +16,8 @@ from ipt_ds.backbone import Backbone, ImageSpec, ModelConfig, load_backbone
 from ipt_ds.config import load_config
 from ipt_ds.data.images import ImageBatcher, read_image_split, write_digits
 from ipt_ds.methods.vpt import VisualPrompt
-from ipt_ds.recipes.image import build_image_model, make_vit
-from tests.conftest import read_log, run_cli, two_class_images
+from ipt_ds.recipes.image import build_image_model
+from tests.conftest import two_class_images
 
 NUM_TOKENS = 3
 
@@ -267,33 +266,3 @@ def test_make_commands_write_once_and_refuse_to_overwrite(digits, tmp_path, caps
         assert "is not an empty directory; choose a new one (nothing is overwritten)" in capsys.readouterr().err
     assert sorted(p.name for p in digits.iterdir()) == ["test.npz", "train.npz", "val.npz"]
     assert [p.name for p in (tmp_path / "vit").iterdir()] == ["notes.txt"]
-
-
-def test_vpt_trains_on_digits_on_two_ranks_with_zero3(digits, tmp_path):
-    """The shipped config through the deepspeed launcher: 2 ranks, the backbone partitioned by ZeRO-3."""
-    make_vit(str(tmp_path / "vit"), image_size=16, hidden_size=32, num_layers=2, intermediate_size=64,
-             initializer_range=0.2)
-    assert json.loads((tmp_path / "vit" / "config.json").read_text())["model_type"] == "vit"
-    result = run_cli("train", "configs/digits/vpt_deep_vit.yaml", f"--model.name_or_path={tmp_path / 'vit'}",
-                     f"--data.root={digits}", "--deepspeed.config=ds_configs/zero3.json",
-                     f"--run.output_dir={tmp_path / 'run'}", "--method.num_virtual_tokens=4", "--train.max_steps=15",
-                     "--train.eval_every=15", "--optim.lr=0.05", "--run.log_every=1", num_ranks=2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    on_rank, total = map(float, re.search(r"backbone bytes on rank 0: ([\d.]+) MiB of ([\d.]+) MiB",
-                                          result.stderr).groups())
-    assert 0 < total and on_rank < total  # partitioned (the log rounds to 0.1 MiB: 0.0 of 0.1 for this tiny ViT)
-    losses = read_log(tmp_path / "run", "train/loss")
-    assert len(losses) == 15 and np.mean(losses[-5:]) < losses[0] - 0.3, losses
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["parameters"]["trainable"] == 2 * 4 * 32 + 32 * 10 + 10  # L·P·H prompts + the head
-    assert results["eval"]["acc"] > 2 * results["eval_majority_acc"] and results["test"]["acc"] > 20, results
-    assert results["test_baseline"]["acc"] == pytest.approx(results["test_majority_acc"])
-    assert results["test_not_above_baseline"] == []
-    from safetensors.torch import load_file
-
-    assert load_file(tmp_path / "run" / "best" / "model.safetensors")["method.prompts"].shape == (2, 4, 32)
-    from ipt_ds.infer import load_for_inference
-
-    with pytest.raises(ValueError, match="is an image classification export; evaluate and predict take text"):
-        load_for_inference(str(tmp_path / "run" / "best"), {})
-

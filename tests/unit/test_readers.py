@@ -31,7 +31,7 @@ from ipt_ds.data import (
     sample_per_class,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "data"
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "data"
 
 
 def load(task: str, format: str, split: str, **kwargs) -> list[Example]:

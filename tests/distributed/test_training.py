@@ -9,7 +9,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_cli, write_config, write_entailment_task
+from tests.conftest import REPO, finish_cli, run_cli, start_cli, write_config, write_entailment_task
 
 
 def tiny_config(tmp_path, model_dir, **method):
@@ -66,13 +66,14 @@ def test_run_writes_small_checkpoint_and_export_that_evaluate_and_predict_use(tm
     checkpoint_bytes = sum(f.stat().st_size for f in (out / "checkpoints").rglob("*") if f.is_file())
     assert checkpoint_bytes < 1_000_000, "the resume checkpoint must not contain the frozen backbone"
 
-    evaluated = run_cli("evaluate", str(out / "best"))
+    predictions = tmp_path / "pred.jsonl"
+    val = tmp_path / "data" / "val.jsonl"
+    evaluating = start_cli("evaluate", str(out / "best"))  # evaluate and predict at once
+    predicted = run_cli("predict", str(out / "best"), f"--input={val}", f"--output={predictions}")
+    evaluated = finish_cli(evaluating)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads(evaluated.stdout.splitlines()[-1])["acc"] == pytest.approx(results["eval"]["acc"])
 
-    predictions = tmp_path / "pred.jsonl"
-    val = tmp_path / "data" / "val.jsonl"
-    predicted = run_cli("predict", str(out / "best"), f"--input={val}", f"--output={predictions}")
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     gold = [json.loads(line)["label"] for line in val.read_text().splitlines()]
@@ -84,22 +85,14 @@ def test_run_writes_small_checkpoint_and_export_that_evaluate_and_predict_use(tm
     assert again.returncode == 2 and "exists" in again.stderr  # never overwrites
 
 
-def test_existing_run_is_never_overwritten_without_asking(tmp_path, tiny_bert):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
-    result = run_cli("train", str(tiny_config(tmp_path, tiny_bert)), f"--run.output_dir={out}")
-    assert result.returncode == 2
-    assert "already holds a run; pass --run.resume=true" in result.stderr
-    assert (out / "keep.txt").read_text() == "precious"
-
-
 def test_resume_from_latest_continues_the_exact_loss_sequence(tmp_path, tiny_bert):
     cfg = tiny_config(tmp_path, tiny_bert)
     common = ["--run.log_every=1", "--optim.schedule=constant", "--optim.warmup_ratio=0", "--head.dropout=0.3"]
-    straight = run_cli("train", str(cfg), f"--run.output_dir={tmp_path / 'a'}", "--train.max_steps=8", *common)
+    straight = start_cli("train", str(cfg), f"--run.output_dir={tmp_path / 'a'}", "--train.max_steps=8", *common)
+    first = finish_cli(start_cli("train", str(cfg), f"--run.output_dir={tmp_path / 'b'}", "--train.max_steps=4",
+                                 *common))  # while the straight run trains
+    straight = finish_cli(straight)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    first = run_cli("train", str(cfg), f"--run.output_dir={tmp_path / 'b'}", "--train.max_steps=4", *common)
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = run_cli("train", str(cfg), f"--run.output_dir={tmp_path / 'b'}", "--train.max_steps=8",
                       "--run.resume=true", *common)
@@ -111,11 +104,3 @@ def test_resume_from_latest_continues_the_exact_loss_sequence(tmp_path, tiny_ber
         return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
     assert losses("b") == losses("a")  # bitwise: same data order, dropout draws, optimizer state
-
-
-def test_estimate_prints_the_counts_before_a_run(tmp_path, tiny_bert):
-    result = run_cli("estimate", str(tiny_config(tmp_path, tiny_bert)))
-    assert result.returncode == 0, result.stderr[-3000:]
-    hidden, num_prompt, num_labels = 32, 4, 2
-    trainable = num_prompt * hidden + hidden * num_labels + num_labels
-    assert f"total     {trainable:>14,} trainable of" in result.stdout

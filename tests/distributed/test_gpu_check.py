@@ -8,9 +8,8 @@ import math
 import subprocess
 import sys
 
-from conftest import REPO
-
 from benchmarks import gpu_check, scale
+from tests.conftest import REPO
 
 
 def test_useful_flops_count_every_layer_for_input_prompts_and_only_the_forward_below_lpt_layer():
