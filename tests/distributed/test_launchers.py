@@ -239,7 +239,11 @@ def assert_stopped_requeued_and_resumed(slurm, job: str, log: str, run_dir: Path
     assert slurm.restarts(job) == 1, log[-4000:]
     stops = re.findall(r"rank (\d): stopping after step (\d+) on a stop signal \(([^)]*)\)", log)
     assert sorted(rank for rank, _, _ in stops) == ["0", "1"] and len({step for _, step, _ in stops}) == 1, log[-4000:]
-    assert all(received == "SIGUSR1 received here" for _, _, received in stops)  # Slurm signals every rank
+    # Slurm signals every rank, but not at one instant: a rank whose signal lands after the step's agreement stops
+    # on its peer's ("received by another rank"); at least one rank stopped on its own SIGUSR1.
+    received = [why for _, _, why in stops]
+    assert "SIGUSR1 received here" in received and set(received) <= {"SIGUSR1 received here",
+                                                                       "received by another rank"}, received
     step = int(stops[0][1])
     assert "exiting with status 75" in log and f"resumed at step {step}" in log
     assert "--run.resume=auto" in log  # the requeued job resumed by itself (SLURM_RESTART_COUNT)
