@@ -71,6 +71,8 @@ def load_yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arm) for arm in get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 
@@ -261,7 +263,8 @@ def reference_markdown(sections: dict[str, type]) -> str:
         out += [f"## `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         docs, hints = field_docs(cls), typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            out.append(f"| `{f.name}` | {_type_name(hints[f.name])} | `{default_text(f)}` | {docs.get(f.name, '')} |")
+            kind = _type_name(hints[f.name]).replace("|", "\\|")  # a bare | would end the table cell
+            out.append(f"| `{f.name}` | {kind} | `{default_text(f)}` | {docs.get(f.name, '')} |")
         renamed = getattr(cls, "renamed", {})
         if renamed:
             names = ", ".join(f"`{old}` (now `{new}`)" for old, new in renamed.items())
