@@ -1,6 +1,6 @@
-"""The frozen-state cache in real DeepSpeed runs (gloo, CPU, fp32): LPT trains with the same losses and scores the same
-metrics with and without `train.frozen_cache`, on 1 and 2 ranks, under ZeRO-2 and ZeRO-3, on an encoder and a
-grouped-query decoder; a method with nothing frozen to cache is refused before anything is written."""
+"""The frozen-state cache in real DeepSpeed runs (gloo, CPU, fp32, and once bf16): LPT trains with the same losses and
+scores the same metrics with and without `train.frozen_cache`, on 1 and 2 ranks, under ZeRO-2 and ZeRO-3, on an
+encoder and a grouped-query decoder; a method with nothing frozen to cache is refused before anything is written."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def run_config(tmp_path, model_dir, stage: int, method: dict, *, frozen_cache: b
 
 
 @pytest.mark.parametrize(("family", "stage", "num_ranks"), [
-    ("bert", 2, 1), ("bert", 3, 2), ("llama", 3, 1), ("llama", 2, 2)])
+    ("bert", 2, 1), ("bert", 3, 2), ("llama", 3, 1), ("llama", 2, 2), ("llama", "3_bf16", 2)])
 def test_losses_and_metrics_are_the_same_with_the_cache(tmp_path, tiny_models, family, stage, num_ranks):
     """Bitwise: the cached states are those the forward computes (tests/unit/test_frozen_cache.py), so every logged
     loss, every evaluation and the final scores match exactly. Two epochs: the cache is read again in the second."""
