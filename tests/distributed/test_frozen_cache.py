@@ -5,11 +5,21 @@ encoder and a grouped-query decoder; a method with nothing frozen to cache is re
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import numpy as np
 import pytest
 
-from tests.conftest import finish_cli, run_cli, start_cli, write_config, write_entailment_task
+from tests.conftest import (
+    REPO,
+    deepspeed_command,
+    finish_cli,
+    run_cli,
+    start_cli,
+    write_config,
+    write_entailment_task,
+)
 
 LPT = {"name": "lpt", "generator": "npg", "num_virtual_tokens": 4, "generator_width": 8, "dropout": 0.0}
 
@@ -64,3 +74,21 @@ def test_a_method_with_nothing_frozen_is_refused_before_anything_is_written(tmp_
     assert len(errors) == 1 and "train.frozen_cache: method 'prompt_tuning'" in errors[0], result.stderr[-2000:]
     assert "first trained layer is 0" in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_under_zero3_the_layers_below_k_are_neither_run_nor_gathered_after_the_precompute(tmp_path, tiny_models):
+    cfg = run_config(tmp_path, tiny_models["llama"], 3, LPT, frozen_cache=True)
+    result = subprocess.run(deepspeed_command(2, "tests/frozen_cache_probe.py", str(cfg), str(tmp_path / "out")),
+                            cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads(line.split("FROZEN_CACHE_PROBE ", 1)[1])
+               for line in result.stdout.splitlines() if "FROZEN_CACHE_PROBE " in line]
+    assert sorted(r["rank"] for r in reports) == [0, 1], result.stdout[-2000:]
+    for report in reports:
+        runs = report["runs"]
+        assert runs.get("precompute/0", 0) > 0 and runs.get("precompute/1", 0) == 0, runs  # layer 0 = below k = 1
+        assert all(runs.get(f"{phase}/1", 0) > 0 and f"{phase}/0" not in runs for phase in ("train", "eval", "final"))
+        gathered = report["lower_gathered"]
+        assert gathered.pop("num_partitioned") == 7, "layer 0's attention and MLP weight matrices"
+        assert gathered == {"train": False, "eval": False, "final": False}, report
