@@ -119,6 +119,14 @@ class TrainConfig:
     nonfinite: Literal["stop", "skip"] = "stop"
     """A step whose loss or gradients hold NaN/inf: stop the run naming the step, or skip its update (no change to
     weights, optimizer state or schedule). fp16 loss-scaler overflows are always skipped, as DeepSpeed does."""
+    frozen_cache: bool = False
+    """Never compute the frozen part twice: before training, one pass sharded over the ranks computes the states
+    entering the method's first trained layer (LPT's layer k) for every example of the train, eval and test splits;
+    every later step and evaluation starts at that layer, and the layers below are neither run nor, under ZeRO-3,
+    gathered. Every rank holds every example's states in CPU memory (T x hidden values per example, in the run's
+    dtype), with no budget and no spill to disk yet. Text classification with a method that reads the states (lpt);
+    refused with model.dropout, head.siamese, generation tasks and images, and for methods whose first trained layer
+    is 0 (nothing is frozen below it)."""
 
     def validate(self) -> list[str]:
         problems = at_least(self, "train", 1, "batch_size", "micro_batch_size", "eval_batch_size")
@@ -212,7 +220,32 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 def config_from_dict(data: dict, overrides: dict | None = None, *, source: str, lines: dict | None = None) -> Config:
     """Build a Config from nested mappings (a parsed YAML, or the config saved with a run or export) and
     `--section.key=value` overrides; problems name the flag, else `source` and the line where known."""
-    return Config(**parse_sections(data, overrides, source=source, lines=lines, sections=SECTIONS, check=_check_head))
+    return Config(**parse_sections(data, overrides, source=source, lines=lines, sections=SECTIONS,
+                                 check=_check_across))
+
+
+def _check_across(sections: dict) -> list[tuple[str, str]]:
+    return _check_head(sections) + _check_frozen_cache(sections)
+
+
+def _check_frozen_cache(sections: dict) -> list[tuple[str, str]]:
+    """Where cached states could differ from what the forward computes, or nothing could read them."""
+    from ipt_ds.data.tasks import get_task
+
+    if not sections["train"].frozen_cache:
+        return []
+    if sections["data"].format in ("imagefolder", "npz"):
+        return [("train.frozen_cache", "the frozen-state cache is for text tasks; set it to false for images")]
+    if get_task(sections["data"].task).generation:
+        return [("train.frozen_cache", f"task '{sections['data'].task}' generates text; the frozen-state cache is "
+                                       "for classification tasks: set it to false")]
+    if sections["model"].dropout:
+        return [("train.frozen_cache", "with model.dropout the frozen layers' output changes at every step, so it "
+                                       "cannot be cached: set model.dropout or train.frozen_cache to false")]
+    if sections["head"].siamese:
+        return [("train.frozen_cache", "head.siamese runs each input pair through the backbone twice; the "
+                                       "frozen-state cache does not cover it: set train.frozen_cache to false")]
+    return []
 
 
 def _check_head(sections: dict) -> list[tuple[str, str]]:

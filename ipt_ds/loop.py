@@ -139,6 +139,7 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
         checkpoint.atomic_write_text(out / "ds_config.json", json.dumps(ds_config, indent=2))
         log.info("resolved config:\n%s", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
+    recipe.prepare(engine)
     state = TrainState()
     if cfg.run.resume:
         client = checkpoint.load_resume_state(engine, out / "checkpoints", rank=rank, world=world, seed=cfg.run.seed)

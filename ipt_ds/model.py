@@ -6,6 +6,7 @@ top-level forward per step, in the same order on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -27,15 +28,36 @@ class PromptModel(nn.Module):
         self.backbone = backbone
         self.method = method
         self.head = head
+        self.frozen_pass = False
+        """Set inside `computing_frozen_states()`."""
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (label logits (B, C) or regression scores (B,); mean loss when the batch has labels)."""
+        if self.frozen_pass:
+            return self.frozen_states(batch), None
         with self.backbone.decoding(batch):
             out = self.method(self.backbone, batch)
         if "pair_input_ids" not in batch:
             return self.head(out, batch)
         pair = {key.removeprefix("pair_"): value for key, value in batch.items() if key.startswith("pair_")}
         return self.head(out, batch, self.method(self.backbone, pair))
+
+    @contextlib.contextmanager
+    def computing_frozen_states(self):
+        """Within: a forward returns (`frozen_states(batch)`, None); through the engine, so that ZeRO-3 gathers the
+        layers it runs as in any forward."""
+        self.frozen_pass = True
+        try:
+            yield
+        finally:
+            self.frozen_pass = False
+
+    def frozen_states(self, batch: dict) -> torch.Tensor:
+        """(B, T, H) the states entering the method's first trained layer, a function of the input alone, exactly as
+        the method's own forward computes them (frozen-state cache)."""
+        return self.backbone.lower_states(self.backbone.embed(batch["input_ids"]), batch["attention_mask"],
+                                          batch.get("token_type_ids"), layer=self.method.first_trained_layer,
+                                          num_prompt=self.method.num_prefix_positions)
 
     def parameter_report(self) -> dict[str, int]:
         trainable = sum(num_elements(p) for p in self.parameters() if p.requires_grad)

@@ -95,9 +95,9 @@ class FamilyAdapter:
         raise ValueError(f"late prompt insertion does not support '{self.config.model_type}' backbones; supported "
                          f"{self.family} backbones: {sorted(self.layer_input) or 'none'}{limits}")
 
-    def encode_late(self, inputs_embeds, attention_mask, token_type_ids, *, layer: int, make_prompt, num_prompt: int):
-        """`Backbone.encode_late`: the lower layers run once without autograd (`run_lower`), then the stack runs
-        again from `layer` up on the prompted states."""
+    def lower_states(self, inputs_embeds, attention_mask, token_type_ids, *, layer: int, num_prompt: int):
+        """`Backbone.lower_states`: run the layers below `layer` once without autograd (`run_lower`) and return the
+        output of layer `layer - 1` (B, T, H), before any final norm."""
         self.check_late()
         backbone = self.backbone
         captured = []
@@ -108,7 +108,17 @@ class FamilyAdapter:
                 self.run_lower(inputs_embeds, attention_mask, token_type_ids, num_prompt=num_prompt)
         finally:
             hook.remove()
-        states = captured[0]  # (B, T, H): the output of layer `layer - 1`, before any final norm
+        return captured[0]
+
+    def encode_late(self, inputs_embeds, attention_mask, token_type_ids, *, layer: int, make_prompt, num_prompt: int,
+                    states=None):
+        """`Backbone.encode_late`: the lower layers run once without autograd (`lower_states`), unless their output
+        `states` is given, then the stack runs again from `layer` up on the prompted states."""
+        self.check_late()
+        backbone = self.backbone
+        if states is None:
+            states = self.lower_states(inputs_embeds, attention_mask, token_type_ids, layer=layer,
+                                       num_prompt=num_prompt)  # (B, T, H)
         prompt = make_prompt(states).to(states.dtype)  # (B, P, H)
         entering = torch.cat([prompt, states], dim=1)  # (B, P + T, H)
         mask = torch.cat([attention_mask.new_ones(prompt.shape[:2]), attention_mask], dim=1)

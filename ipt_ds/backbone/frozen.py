@@ -145,6 +145,7 @@ class Backbone(nn.Module):
         layer: int,
         make_prompt,
         num_prompt: int,
+        states: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Late insertion: put P prompt vectors in front of the states entering layer `layer` (0-based); return the
         last hidden states (B, P + T, H).
@@ -153,10 +154,19 @@ class Backbone(nn.Module):
         receives gradients. `make_prompt(states (B, T, H))` builds the (B, P, H) prompt from their output; the
         stack then runs again from `layer` up on P + T positions (a (B, P + T) mask: the prompt is visible to all).
         `num_prompt` = P. Encoder-decoder backbones: the prompt enters the encoder's layer `layer`; the decoder
-        reads the result. Inside `capturing()` the two passes leave one cache (see `late_cache`).
+        reads the result. Inside `capturing()` the two passes leave one cache (see `late_cache`). `states` (B, T, H):
+        what `lower_states` returns for this input, computed before (the frozen-state cache); the embeddings and the
+        layers below `layer` then do not run (`inputs_embeds` may be None), nor are they gathered under ZeRO-3.
         """
         return self.adapter.encode_late(inputs_embeds, attention_mask, token_type_ids, layer=layer,
-                                        make_prompt=make_prompt, num_prompt=num_prompt)
+                                        make_prompt=make_prompt, num_prompt=num_prompt, states=states)
+
+    def lower_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                     token_type_ids: torch.Tensor | None, *, layer: int, num_prompt: int) -> torch.Tensor:
+        """The states entering layer `layer` (B, T, H), as `encode_late` computes them below a prompt of `num_prompt`
+        vectors: the embeddings and layers 0..layer-1, run without autograd. A function of the input alone."""
+        return self.adapter.lower_states(inputs_embeds, attention_mask, token_type_ids, layer=layer,
+                                         num_prompt=num_prompt)
 
     def layer_stack(self) -> nn.ModuleList:
         """The ModuleList of transformer layers (BERT encoder.layer, GPT-2 h, LLaMA layers, ...)."""

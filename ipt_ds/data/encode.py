@@ -151,6 +151,11 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         decoder = collate([{"input_ids": f["decoder_input_ids"]} for f in features], pad_id)
         batch["decoder_input_ids"], batch["decoder_attention_mask"] = decoder["input_ids"], decoder["attention_mask"]
         batch["target_ids"] = collate([{"input_ids": f["target_ids"]} for f in features], pad_id)["input_ids"]
+    if "frozen_states" in features[0]:  # (T_i, H) each, from the frozen-state cache; zeros where the input is padded
+        states = features[0]["frozen_states"]
+        batch["frozen_states"] = states.new_zeros(len(features), length, states.shape[-1])  # (B, T, H)
+        for row, f in enumerate(features):
+            batch["frozen_states"][row, : len(f["input_ids"])] = f["frozen_states"]
     for key in ("label_position", "split_position"):
         if key in features[0]:
             batch[key] = torch.tensor([f[key] for f in features])

@@ -52,6 +52,9 @@ class Method(Protocol):
     embeddings or the first layer already depend on them (input prompts, prefixes, BitFit, full fine-tuning); k for a
     late prompt at layer k; `backbone.num_layers` where no layer of that stack does (a linear probe; prefixes of an
     encoder-decoder, which sit in its decoder)."""
+    reads_frozen_states: bool
+    """`forward` takes the states entering `first_trained_layer` from `batch["frozen_states"]` (B, T, H), right-padded
+    as the input, when the batch has them (`train.frozen_cache`), instead of running the layers below."""
 
     def forward(self, backbone: Backbone, batch: dict) -> MethodOutput:
         """Run the batch through the frozen backbone with the method's prompts."""
@@ -68,6 +71,7 @@ class MethodModule(nn.Module):
     num_embedded_prompts = 0
     num_cached_prompts = 0
     first_trained_layer = 0
+    reads_frozen_states = False
 
     def peft_adapter(self) -> tuple[dict, torch.Tensor] | None:
         return None

@@ -79,6 +79,7 @@ class LPT(MethodModule):
         num_tokens, hidden, width = cfg.num_virtual_tokens, backbone.hidden_size, cfg.generator_width
         self.num_prefix_positions = num_tokens
         self.first_trained_layer = layer  # the layers below run without autograd on the input alone
+        self.reads_frozen_states = True
         self.num_embedded_prompts = 0  # the prompt enters above the embeddings: it takes no position ids
         if cfg.generator == "npg":
             self.down, self.up = nn.Linear(hidden, width), nn.Linear(width, num_tokens * hidden)
@@ -115,10 +116,11 @@ class LPT(MethodModule):
 
     def forward(self, backbone: Backbone, batch: dict) -> MethodOutput:
         mask = batch["attention_mask"]
-        embeds = backbone.embed(batch["input_ids"])
+        states = batch.get("frozen_states")  # (B, T, H) from the frozen-state cache: the lower layers do not run
+        embeds = backbone.embed(batch["input_ids"]) if states is None else None
         hidden = backbone.encode_late(embeds, mask, batch.get("token_type_ids"), layer=self.layer,
                                       make_prompt=lambda states: self.make_prompt(states, batch),
-                                      num_prompt=self.cfg.num_virtual_tokens)
+                                      num_prompt=self.cfg.num_virtual_tokens, states=states)
         full_mask = torch.cat([mask.new_ones(mask.shape[0], self.cfg.num_virtual_tokens), mask], dim=1)
         return MethodOutput(hidden, full_mask, self.cfg.num_virtual_tokens)
 

@@ -24,6 +24,11 @@ class Recipe(Protocol):
         """(model, encoded training examples, what the export's metadata records besides the config)."""
         ...
 
+    def prepare(self, engine) -> None:
+        """Once the engine is built, before the first step (every rank calls it): work done once per run, such as
+        the frozen-state cache's precompute pass."""
+        ...
+
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         """One batch of encoded examples, padded."""
         ...
@@ -62,6 +67,9 @@ class TokenBatches:
     """`collate`, `lengths` and `loss_terms` for examples encoded as token ids; `build` sets `pad_id`."""
 
     pad_id: int
+
+    def prepare(self, engine) -> None:
+        pass
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         return collate(features, self.pad_id)

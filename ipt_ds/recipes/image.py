@@ -61,6 +61,9 @@ class ImageRecipe:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
+    def prepare(self, engine) -> None:
+        pass
+
     def load_model(self, *, dtype: torch.dtype, ds_config: dict | None) -> PromptModel:
         """The model of `cfg` as before training; reads only the class names of the training split."""
         data = self.cfg.data

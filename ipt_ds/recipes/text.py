@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ipt_ds import checkpoint
+from ipt_ds import checkpoint, frozen_cache
 from ipt_ds.config import Config
 from ipt_ds.data.encode import TextEncoder, collate
 from ipt_ds.data.pipeline import load_examples, load_task_splits, logits_of, predict_sharded
@@ -24,9 +24,11 @@ from ipt_ds.recipes.base import TokenBatches, best_results
 log = logging.getLogger("ipt_ds")
 
 
-def predict_examples(engine, encoder: TextEncoder, examples: list[Example], batch_size: int):
-    """Run every example once across all ranks; every rank gets all predictions back, in input order."""
-    features = [encoder(e) for e in examples]
+def predict_examples(engine, encoder: TextEncoder, examples: list[Example], batch_size: int,
+                     features: list[dict] | None = None):
+    """Run every example once across all ranks; every rank gets all predictions back, in input order. `features`:
+    the examples already encoded (with their cached frozen states)."""
+    features = features if features is not None else [encoder(e) for e in examples]
     pad_id = encoder.tokenizer.pad_token_id
     return predict_sharded(engine, [len(f["input_ids"]) for f in features], batch_size,
                            lambda indices: collate([features[i] for i in indices], pad_id),
@@ -37,8 +39,9 @@ def to_prediction(score, task: Task) -> int | float:
     return score if task.is_regression else max(range(len(score)), key=score.__getitem__)
 
 
-def evaluate(engine, encoder: TextEncoder, task: Task, examples: list[Example], batch_size: int) -> dict[str, float]:
-    scores = predict_examples(engine, encoder, examples, batch_size)
+def evaluate(engine, encoder: TextEncoder, task: Task, examples: list[Example], batch_size: int,
+             features: list[dict] | None = None) -> dict[str, float]:
+    scores = predict_examples(engine, encoder, examples, batch_size, features)
     return compute_metrics(task.metrics, predictions=[to_prediction(s, task) for s in scores],
                            labels=[e.label for e in examples], groups=[e.group for e in examples])
 
@@ -51,6 +54,9 @@ class TextRecipe(TokenBatches):
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.cached: dict[str, list[dict]] = {}
+        """With train.frozen_cache: each split's encoded examples with their frozen states ("train", "eval",
+        "test"), set by `prepare`."""
 
     @staticmethod
     def outputs(task: Task) -> str:
@@ -72,10 +78,25 @@ class TextRecipe(TokenBatches):
         if self.encoder.num_truncated:
             log.info("%d of %d training inputs truncated to data.max_length=%d (longest first)",
                      self.encoder.num_truncated, len(features), cfg.data.max_length)
+        if cfg.train.frozen_cache:
+            frozen_cache.check_method(model.method, cfg.method.name)
+            self.cached["train"] = features
         return model, features, {"task": self.task.name, "label_names": list(self.task.label_names)}
 
+    def prepare(self, engine) -> None:
+        """With train.frozen_cache: compute every split's frozen states (every rank calls it)."""
+        if not self.cached:
+            return
+        self.cached["eval"] = [self.encoder(e) for e in self.eval_examples]
+        self.cached["test"] = [self.encoder(e) for e in self.test_examples]
+        every = [f for split in self.cached.values() for f in split]
+        log.info("frozen-state cache fingerprint %s", frozen_cache.fingerprint(engine.module, self.encoder.tokenizer,
+                                                                               every))
+        frozen_cache.precompute(engine, every, batch_size=self.cfg.train.eval_batch_size, pad_id=self.pad_id)
+
     def evaluate(self, engine) -> dict[str, float]:
-        return evaluate(engine, self.encoder, self.task, self.eval_examples, self.cfg.train.eval_batch_size)
+        return evaluate(engine, self.encoder, self.task, self.eval_examples, self.cfg.train.eval_batch_size,
+                        self.cached.get("eval"))
 
     def export(self, engine, path: Path, meta: dict, rank: int) -> None:
         checkpoint.export_trainable(engine.module, path, meta, rank=rank)
@@ -84,12 +105,13 @@ class TextRecipe(TokenBatches):
         """Score the best checkpoint on the eval (and test) split and write results.json."""
         cfg, task = self.cfg, self.task
         results = best_results(engine, cfg, state, out, task.name)
-        splits = {"eval": self.eval_examples}
+        splits = {"eval": self.eval_examples}  # scored with their cached frozen states, if any
         if self.test_examples and all(e.label is not None for e in self.test_examples):
             splits["test"] = self.test_examples
         for split, examples in splits.items():  # each scored split with the number to beat there, in its own metrics
             labels, groups = [e.label for e in examples], [e.group for e in examples]
-            record_split(results, split, evaluate(engine, self.encoder, task, examples, cfg.train.eval_batch_size),
+            scores = evaluate(engine, self.encoder, task, examples, cfg.train.eval_batch_size, self.cached.get(split))
+            record_split(results, split, scores,
                          constant_baseline(task.metrics, labels, regression=task.is_regression, groups=groups))
             if not task.is_regression:
                 results[f"{split}_majority_acc"] = 100 * max(Counter(labels).values()) / len(labels)

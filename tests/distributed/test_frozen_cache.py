@@ -1,0 +1,94 @@
+"""The frozen-state cache in real DeepSpeed runs (gloo, CPU, fp32, and once bf16): LPT trains with the same losses and
+scores the same metrics with and without `train.frozen_cache`, on 1 and 2 ranks, under ZeRO-2 and ZeRO-3, on an
+encoder and a grouped-query decoder; a method with nothing frozen to cache is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from tests.conftest import (
+    REPO,
+    deepspeed_command,
+    finish_cli,
+    run_cli,
+    start_cli,
+    write_config,
+    write_entailment_task,
+)
+
+LPT = {"name": "lpt", "generator": "npg", "num_virtual_tokens": 4, "generator_width": 8, "dropout": 0.0}
+
+
+def run_config(tmp_path, model_dir, stage: int, method: dict, *, frozen_cache: bool):
+    data = write_entailment_task(tmp_path / "data", num_train=48, num_eval=20)
+    return write_config(tmp_path / "cfg.yaml", {
+        "run": {"log_every": 1, "seed": 3},
+        "model": {"name_or_path": str(model_dir)},
+        "method": method,
+        "head": {"dropout": 0.0},
+        "data": {"task": "rte", "format": "jsonl", "train_split": str(data["train"]), "eval_split": str(data["val"]),
+                 "test_split": str(data["val"]), "max_length": 64},
+        "train": {"batch_size": 8, "micro_batch_size": 4, "max_steps": 8, "eval_every": 4, "eval_batch_size": 6,
+                  "frozen_cache": frozen_cache},
+        "optim": {"lr": 0.05, "warmup_ratio": 0.0},
+        "deepspeed": {"config": f"ds_configs/zero{stage}.json"},
+    })
+
+
+@pytest.mark.parametrize(("family", "stage", "num_ranks"), [
+    ("bert", 2, 1), ("bert", 3, 2), ("llama", 3, 1), ("llama", 2, 2), ("llama", "3_bf16", 2)])
+def test_losses_and_metrics_are_the_same_with_the_cache(tmp_path, tiny_models, family, stage, num_ranks):
+    """Bitwise: the cached states are those the forward computes (tests/unit/test_frozen_cache.py), so every logged
+    loss, every evaluation and the final scores match exactly. Two epochs: the cache is read again in the second."""
+    started = {}
+    for cached in (False, True):  # both runs at once
+        run = tmp_path / f"cached{cached}"
+        cfg = run_config(run, tiny_models[family], stage, LPT, frozen_cache=cached)
+        started[cached] = start_cli("train", str(cfg), f"--run.output_dir={run / 'out'}", num_ranks=num_ranks)
+    logs, results = {}, {}
+    for cached, process in started.items():
+        result = finish_cli(process)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert ("frozen-state cache: states entering layer 1 of 88 examples" in result.stderr) == cached
+        out = tmp_path / f"cached{cached}" / "out"
+        logs[cached] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        results[cached] = json.loads((out / "results.json").read_text())
+    losses = [row["train/loss"] for row in logs[False] if "train/loss" in row]
+    assert len(losses) == 8 and np.std(losses) > 1e-3, "the loss must move for the comparison to mean anything"
+    assert [{k: v for k, v in row.items() if k != "train/samples_per_s"} for row in logs[True]] == \
+        [{k: v for k, v in row.items() if k != "train/samples_per_s"} for row in logs[False]]
+    assert sum("eval/" in key for row in logs[True] for key in row) >= 2
+    assert results[True] == results[False] and "test" in results[True]
+
+
+def test_a_method_with_nothing_frozen_is_refused_before_anything_is_written(tmp_path, tiny_bert):
+    cfg = run_config(tmp_path, tiny_bert, 2, {"name": "prompt_tuning", "num_virtual_tokens": 4}, frozen_cache=True)
+    result = run_cli("train", str(cfg), f"--run.output_dir={tmp_path / 'out'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "train.frozen_cache: method 'prompt_tuning'" in errors[0], result.stderr[-2000:]
+    assert "first trained layer is 0" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_under_zero3_the_layers_below_k_are_neither_run_nor_gathered_after_the_precompute(tmp_path, tiny_models):
+    cfg = run_config(tmp_path, tiny_models["llama"], 3, LPT, frozen_cache=True)
+    result = subprocess.run(deepspeed_command(2, "tests/frozen_cache_probe.py", str(cfg), str(tmp_path / "out")),
+                            cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads(line.split("FROZEN_CACHE_PROBE ", 1)[1])
+               for line in result.stdout.splitlines() if "FROZEN_CACHE_PROBE " in line]
+    assert sorted(r["rank"] for r in reports) == [0, 1], result.stdout[-2000:]
+    for report in reports:
+        runs = report["runs"]
+        assert runs.get("precompute/0", 0) > 0 and runs.get("precompute/1", 0) == 0, runs  # layer 0 = below k = 1
+        assert all(runs.get(f"{phase}/1", 0) > 0 and f"{phase}/0" not in runs for phase in ("train", "eval", "final"))
+        gathered = report["lower_gathered"]
+        assert gathered.pop("num_partitioned") == 7, "layer 0's attention and MLP weight matrices"
+        assert gathered == {"train": False, "eval": False, "final": False}, report
