@@ -400,10 +400,11 @@ def _remove_newer(directory: Path, tag: str, rank: int, client: dict) -> dict:
 
 
 # What a resumed run may change: where it logs and how long it goes on, and how the global batch is split (the number
-# of ranks, which is not a setting, and the micro-batch size); everything else shapes the model, the data order or
-# the optimizer, and a different value would not continue the same run.
+# of ranks, which is not a setting, and the micro-batch size), and whether the frozen layers' output is cached (the
+# same states, computed once); everything else shapes the model, the data order or the optimizer, and a different
+# value would not continue the same run.
 RESUME_MAY_CHANGE = ("run.", "train.max_steps", "train.epochs", "train.eval_every", "train.eval_batch_size",
-                     "train.nonfinite", "train.micro_batch_size")
+                     "train.nonfinite", "train.micro_batch_size", "train.frozen_cache")
 
 
 def check_resume_config(out: Path, config: dict) -> None:
