@@ -151,6 +151,22 @@ def write_topic_task(directory: Path, *, num_train: int = 16, seed: int = 0) -> 
     return path
 
 
+def train_losses(model, batch: dict, trainable: list, *, steps: int, lr: float = 1e-2) -> list[float]:
+    """Adam steps of `model` (a PromptModel) on one batch, in training mode; the loss of each step."""
+    import torch
+
+    optimizer = torch.optim.Adam(trainable, lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        _, loss = model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def write_config(path: Path, sections: dict) -> Path:
     import yaml
 

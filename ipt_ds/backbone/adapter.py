@@ -139,8 +139,9 @@ class FamilyAdapter:
         return hidden
 
     def run_lower(self, inputs_embeds, attention_mask, token_type_ids, *, num_prompt: int) -> None:
-        """Run the layers below the insertion (only they are in the stack), for their output."""
-        raise NotImplementedError
+        """Run the layers below the insertion (only they are in the stack), for their output. Families without it
+        have no `layer_input` entries, so `check_late` refuses them first."""
+        raise NotImplementedError(f"{self.family} backbones do not support late insertion")
 
     def join_late_caches(self, *, layer: int, num_prompt: int) -> None:
         """Inside `capturing()`: turn the caches of `encode_late`'s two passes into what decoding continues from."""

@@ -13,7 +13,7 @@ from ipt_ds.data.readers import read_split
 from ipt_ds.data.tasks import get_task
 from ipt_ds.methods.lpt import segment_pool
 from ipt_ds.model import build_model
-from tests.conftest import FAMILIES, write_entailment_task, write_topic_task
+from tests.conftest import FAMILIES, train_losses, write_entailment_task, write_topic_task
 
 
 @pytest.fixture(scope="module")
@@ -132,16 +132,7 @@ def test_no_autograd_below_the_insertion_layer(family, tiny_models, data):
 def test_every_generator_trains(generator, tiny_models, data):
     model, encoder = build("llama", tiny_models, {"method.generator": generator, "method.generator_width": 16})
     batch = batch_of(encoder, data["topic"])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(20):
-        _, loss = model(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(model, batch, [p for p in model.parameters() if p.requires_grad], steps=20)
     assert min(losses[-5:]) < 0.8 * losses[0], losses
 
 

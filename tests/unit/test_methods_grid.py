@@ -25,6 +25,7 @@ from tests.conftest import (
     FAMILIES,
     SEQ2SEQ_FAMILIES,
     VISION_FAMILIES,
+    train_losses,
     two_class_images,
     write_entailment_task,
     write_topic_task,
@@ -314,15 +315,7 @@ def test_ipt_variants(family, variant, tiny_models, data):
     batch = collate([encoder(e) for e in read_split(data["train"], task)], encoder.tokenizer.pad_token_id)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == ipt_trainable(cfg.method, model.backbone) + 2 * 32 + 2
-    model.train()
-    optimizer = torch.optim.Adam(trainable, lr=1e-2)
-    losses = []
-    for _ in range(25):
-        _, loss = model(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(model, batch, trainable, steps=25)
     assert min(losses[-5:]) < 0.8 * losses[0], losses
     model.eval()  # the instance prompt depends on the input: two different inputs get different prompts
     vectors = (model.method.instance_vectors(model.backbone, batch["input_ids"], batch["attention_mask"])
