@@ -12,12 +12,14 @@ partitions.
 """
 
 import json
+import os
 import sys
 
 import torch
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
 import ipt_ds.loop as loop
+from ipt_ds.cli import _shutdown_distributed
 from ipt_ds.config import load_config
 from ipt_ds.recipes import TextRecipe
 
@@ -65,3 +67,7 @@ TextRecipe.prepare = in_phase("precompute", TextRecipe.prepare)
 loop.train(load_config(args[0], {"run.output_dir": args[1]}))
 report = {"rank": torch.distributed.get_rank(), "runs": runs, "lower_gathered": lower_gathered}
 print("FROZEN_CACHE_PROBE " + json.dumps(report), flush=True)
+_shutdown_distributed()  # as `ipt-ds train` leaves: together, with the process group destroyed
+# What is measured is printed; gloo's native threads have aborted the interpreter's teardown now and then
+# ("terminate called without an active exception"), which says nothing about the cache.
+os._exit(0)
