@@ -177,8 +177,9 @@ def build_verbalizer_model(cfg, num_labels: int):
         tokenizer.pad_token = tokenizer.eos_token  # as our loader does; padding is masked
     tokenizer.padding_side = "right"  # VerbalizerClassifier reads the last real token from the mask
     words = cfg.head.label_words
-    if len(words) != num_labels:
-        raise ValueError(f"head.label_words has {len(words)} words for {num_labels} labels; give one word per label")
+    if len(words) != num_labels or not cfg.head.template:
+        raise ValueError(f"head.label_words (one word for each of the {num_labels} labels) and head.template must be "
+                         "given in the config for this reference's verbalizer head")
     hf_config = AutoConfig.from_pretrained(path, **source)
     if hf_config.model_type != "llama":
         raise ValueError(f"model '{cfg.model.name_or_path}' is a {hf_config.model_type}; this reference's verbalizer "
@@ -306,7 +307,8 @@ def train(cell: dict) -> dict:
         result |= {"eval": {name: best[f"eval_{name}"] for name in task.metrics}, "best_epoch": best["epoch"],
                    "evals": [entry[f"eval_{task.metrics[0]}"] for entry in evals],
                    "eval_majority_acc": majority_acc(eval_examples, len(task.label_names))}
-        if test_set:  # LM-BFF: the dev split selected the epoch, the test split is reported with its parameters
+        # LM-BFF: the dev split selected the epoch, the (labelled) test split is reported with its parameters.
+        if test_set and all(e.label is not None for e in test_examples):
             with torch.no_grad():
                 for name, p in model.named_parameters():
                     if name in best_epoch.tensors:
