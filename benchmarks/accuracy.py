@@ -11,6 +11,9 @@ beat is the baseline of the reported split in the reported metric: the best scor
 (the majority class for accuracy, always-positive for F1; 0 for the correlations of regression tasks).
 `--data-seeds` pairs each seed with an LM-BFF data seed (`data.lmbff_seed`: which k-shot sample trains), so that
 seeds vary the data as LM-BFF's protocol does.
+`--peft` adds, after each config that PEFT + HF Trainer can reproduce (prompt tuning, prefix tuning, P-tuning v1 and
+v2; full fine-tuning with a linear head), a row `peft/<config>`: the same cells run by `benchmarks.peft_trainer` (same
+seeds, data seeds and overrides) into runs/peft-<config>-seed<seed>, resumable the same way.
 Writes results.json, results.md and results.png in the study folder.
 """
 
@@ -26,8 +29,12 @@ import time
 from pathlib import Path
 
 
+def cell_name(config: Path, seed: int, data_seed: int) -> str:
+    return f"{config.parent.name}-{config.stem}-seed{seed}{f'-data{data_seed}' if data_seed else ''}"
+
+
 def run_cell(out: Path, config: Path, seed: int, num_ranks: int, overrides: list[str], data_seed: int = 0) -> dict:
-    run = out / "runs" / f"{config.parent.name}-{config.stem}-seed{seed}{f'-data{data_seed}' if data_seed else ''}"
+    run = out / "runs" / cell_name(config, seed, data_seed)
     if data_seed:
         overrides = [*overrides, f"--data.lmbff_seed={data_seed}"]
     if not (run / "results.json").exists():
@@ -44,6 +51,30 @@ def run_cell(out: Path, config: Path, seed: int, num_ranks: int, overrides: list
             raise SystemExit(f"{config} seed {seed} failed:\n{result.stderr[-2000:]}")
         print(f"{config} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
     return json.loads((run / "results.json").read_text())
+
+
+def run_peft(run: Path, cell: dict, what: str) -> dict:
+    """`benchmarks.peft_trainer` on `cell` in its own process, its result saved as run/results.json; a run whose
+    results.json exists is read, not trained again."""
+    if not (run / "results.json").exists():
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, "-m", "benchmarks.peft_trainer",
+                                 json.dumps({**cell, "output_dir": str(run / "trainer")})],
+                                env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"{what} failed:\n{result.stderr[-3000:]}")
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "results.json").write_text(result.stdout.strip().splitlines()[-1])
+        print(f"{what}: {time.perf_counter() - start:.0f} s", flush=True)
+    return json.loads((run / "results.json").read_text())
+
+
+def run_peft_cell(out: Path, config: Path, seed: int, overrides: list[str], data_seed: int = 0) -> dict:
+    """The PEFT + HF Trainer counterpart of `run_cell`: the same config, seed, data seed and `--section.key=value`
+    overrides, into runs/peft-<config>-seed<seed>[-data<data seed>]."""
+    cell = {"config": str(config), "seed": seed, "data_seed": data_seed,
+            "overrides": dict(flag.removeprefix("--").split("=", 1) for flag in overrides)}
+    return run_peft(out / "runs" / f"peft-{cell_name(config, seed, data_seed)}", cell, f"PEFT {config} seed {seed}")
 
 
 def baseline_of(result: dict, split: str, metric: str) -> float | None:
@@ -94,6 +125,13 @@ def write_report(out: Path, rows: list[dict], command: str) -> None:
     fig.savefig(out / "results.png", dpi=120)
 
 
+def has_peft_counterpart(config: Path) -> bool:
+    from benchmarks.peft_trainer import has_counterpart
+    from ipt_ds.config import load_config
+
+    return has_counterpart(load_config(config))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", type=Path, required=True)
@@ -104,15 +142,24 @@ def main() -> None:
     parser.add_argument("--override", nargs="*", action="extend", default=[],
                         help="--section.key=value flags for every cell (repeatable)")
     parser.add_argument("--name", default="accuracy", help="study folder under benchmarks/results/")
+    parser.add_argument("--peft", action="store_true",
+                        help="also run each config's PEFT + HF Trainer counterpart (rows peft/<config>)")
     args = parser.parse_args()
     if args.data_seeds and len(args.data_seeds) != len(args.seeds):
         parser.error(f"--data-seeds needs one value per seed ({len(args.seeds)}), got {len(args.data_seeds)}")
+    bad = [flag for flag in args.override if not (flag.startswith("--") and "=" in flag)]
+    if bad:
+        parser.error(f"--override {bad[0]}: give flags as --section.key=value")
     out = Path("benchmarks/results") / args.name
     out.mkdir(parents=True, exist_ok=True)
     data_seeds = args.data_seeds or [0] * len(args.seeds)
-    cells = {f"{c.parent.name}/{c.stem}": [run_cell(out, c, seed, args.num_ranks, args.override, data_seed)
-                                           for seed, data_seed in zip(args.seeds, data_seeds)]
-             for c in args.configs}
+    cells = {}
+    for c in args.configs:
+        cells[f"{c.parent.name}/{c.stem}"] = [run_cell(out, c, seed, args.num_ranks, args.override, data_seed)
+                                              for seed, data_seed in zip(args.seeds, data_seeds)]
+        if args.peft and has_peft_counterpart(c):
+            cells[f"peft/{c.parent.name}/{c.stem}"] = [run_peft_cell(out, c, seed, args.override, data_seed)
+                                                       for seed, data_seed in zip(args.seeds, data_seeds)]
     write_report(out, summarize(cells), "python -m benchmarks.accuracy " + " ".join(sys.argv[1:]))
     print((out / "results.md").read_text())
 

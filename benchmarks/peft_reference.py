@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,18 +42,9 @@ DIFFERENCES = {
 
 
 def run_cell(out: Path, method: str, seed: int, epochs: int) -> dict:
-    run = out / "runs" / f"peft-{method}-seed{seed}"
-    if not (run / "results.json").exists():
-        cell = {"config": str(CONFIGS[method]), "seed": seed, "epochs": epochs, "output_dir": str(run / "trainer")}
-        start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "benchmarks.peft_trainer", json.dumps(cell)],
-                                env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"PEFT {method} seed {seed} failed:\n{result.stderr[-3000:]}")
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "results.json").write_text(result.stdout.strip().splitlines()[-1])
-        print(f"PEFT {method} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
-    return json.loads((run / "results.json").read_text())
+    return accuracy.run_peft(out / "runs" / f"peft-{method}-seed{seed}",
+                             {"config": str(CONFIGS[method]), "seed": seed, "epochs": epochs},
+                             f"PEFT {method} seed {seed}")
 
 
 def our_rows(out: Path, methods: list[str], seeds: list[int], epochs: int, study: Path) -> dict[str, dict]:
