@@ -10,7 +10,9 @@ the test split is reported, otherwise the eval split is, as in the IPT and P-tun
 beat is the baseline of the reported split in the reported metric: the best score of one answer given to every example
 (the majority class for accuracy, always-positive for F1; 0 for the correlations of regression tasks).
 `--data-seeds` pairs each seed with an LM-BFF data seed (`data.lmbff_seed`: which k-shot sample trains), so that
-seeds vary the data as LM-BFF's protocol does.
+seeds vary the data as LM-BFF's protocol does. `--zero-shot CONFIG` adds a row `zero-shot`: CONFIG's backbone, template
+and label words scoring the same splits with nothing trained (a verbalizer head; one cell, the data seeds change no
+dev or test file).
 `--peft` adds, after each config that PEFT + HF Trainer can reproduce (prompt tuning, prefix tuning, P-tuning v1 and
 v2; full fine-tuning with a linear head), a row `peft/<config>`: the same cells run by `benchmarks.peft_trainer` (same
 seeds, data seeds and overrides) into runs/peft-<config>-seed<seed>, resumable the same way.
@@ -31,6 +33,11 @@ from pathlib import Path
 
 def cell_name(config: Path, seed: int, data_seed: int) -> str:
     return f"{config.parent.name}-{config.stem}-seed{seed}{f'-data{data_seed}' if data_seed else ''}"
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`--section.key=value` flags as the {key: value} overrides of `load_config`."""
+    return dict(flag.removeprefix("--").split("=", 1) for flag in overrides)
 
 
 def run_cell(out: Path, config: Path, seed: int, num_ranks: int, overrides: list[str], data_seed: int = 0) -> dict:
@@ -73,8 +80,51 @@ def run_peft_cell(out: Path, config: Path, seed: int, overrides: list[str], data
     """The PEFT + HF Trainer counterpart of `run_cell`: the same config, seed, data seed and `--section.key=value`
     overrides, into runs/peft-<config>-seed<seed>[-data<data seed>]."""
     cell = {"config": str(config), "seed": seed, "data_seed": data_seed,
-            "overrides": dict(flag.removeprefix("--").split("=", 1) for flag in overrides)}
+            "overrides": parse_overrides(overrides)}
     return run_peft(out / "runs" / f"peft-{cell_name(config, seed, data_seed)}", cell, f"PEFT {config} seed {seed}")
+
+
+def zero_shot_cell(out: Path, config: Path, overrides: list[str]) -> dict:
+    """Score the eval and test splits of `config` with the frozen backbone and its verbalizer head (method
+    linear_probe: no prompt; nothing trains), in this process, as a one-rank process group; the results.json of a
+    trained cell."""
+    run = out / "runs" / f"{config.parent.name}-zero-shot"
+    if (run / "results.json").exists():
+        return json.loads((run / "results.json").read_text())
+    import socket
+
+    import torch
+    import yaml
+
+    from ipt_ds.config import config_from_dict
+    from ipt_ds.data.pipeline import load_task_splits
+    from ipt_ds.metrics import constant_baseline, record_split
+    from ipt_ds.model import build_model
+    from ipt_ds.recipes.text import evaluate
+
+    start = time.perf_counter()
+    sections = {**yaml.safe_load(config.read_text()), "method": {"name": "linear_probe"}}
+    cfg = config_from_dict(sections, parse_overrides(overrides), source=str(config))
+    if cfg.head.type != "verbalizer":
+        raise SystemExit(f"--zero-shot {config}: head.type is {cfg.head.type!r}; a zero-shot row needs the verbalizer")
+    task, _, eval_examples, test_examples = load_task_splits(cfg.data, cfg.run.seed)
+    model, encoder = build_model(cfg, task, dtype=torch.float32, ds_config=None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    results = {"task": task.name, "method": "zero-shot", "parameters": {"trainable": 0}}
+    for split, examples in (("eval", eval_examples), ("test", test_examples)):
+        if examples:
+            scores = evaluate(model, encoder, task, examples, cfg.train.eval_batch_size)
+            record_split(results, split, scores, constant_baseline(task.metrics, [e.label for e in examples],
+                                                                   regression=task.is_regression,
+                                                                   groups=[e.group for e in examples]))
+    torch.distributed.destroy_process_group()
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"{config} zero-shot: {time.perf_counter() - start:.0f} s", flush=True)
+    return results
 
 
 def baseline_of(result: dict, split: str, metric: str) -> float | None:
@@ -144,6 +194,8 @@ def main() -> None:
     parser.add_argument("--name", default="accuracy", help="study folder under benchmarks/results/")
     parser.add_argument("--peft", action="store_true",
                         help="also run each config's PEFT + HF Trainer counterpart (rows peft/<config>)")
+    parser.add_argument("--zero-shot", type=Path, metavar="CONFIG",
+                        help="add a zero-shot row: CONFIG's backbone, template and label words, nothing trained")
     args = parser.parse_args()
     if args.data_seeds and len(args.data_seeds) != len(args.seeds):
         parser.error(f"--data-seeds needs one value per seed ({len(args.seeds)}), got {len(args.data_seeds)}")
@@ -153,7 +205,7 @@ def main() -> None:
     out = Path("benchmarks/results") / args.name
     out.mkdir(parents=True, exist_ok=True)
     data_seeds = args.data_seeds or [0] * len(args.seeds)
-    cells = {}
+    cells = {"zero-shot": [zero_shot_cell(out, args.zero_shot, args.override)]} if args.zero_shot else {}
     for c in args.configs:
         cells[f"{c.parent.name}/{c.stem}"] = [run_cell(out, c, seed, args.num_ranks, args.override, data_seed)
                                               for seed, data_seed in zip(args.seeds, data_seeds)]

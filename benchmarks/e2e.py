@@ -19,14 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.accuracy import run_cell
+from benchmarks.accuracy import parse_overrides, run_cell
 
 METRICS = ("bleu", "rouge_l")
-
-
-def parse_overrides(overrides: list[str]) -> dict:
-    pairs = (flag.removeprefix("--").split("=", 1) for flag in overrides)
-    return {key: value for key, value in pairs}
 
 
 def zero_shot_cell(out: Path, config: Path, overrides: list[str]) -> dict:
