@@ -28,8 +28,12 @@ def is_bitfit_bias(module: nn.Module, name: str) -> bool:
 
 @register("bitfit", BitFitConfig, inputs=("text", "image"))
 def build(cfg: BitFitConfig, backbone: Backbone, tokenizer) -> nn.Module:
-    for module in backbone.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if is_bitfit_bias(module, name):
-                param.requires_grad_(True)
+    biases = [param for module in backbone.modules() for name, param in module.named_parameters(recurse=False)
+              if is_bitfit_bias(module, name)]
+    if not biases:
+        raise ValueError(f"method.name: bitfit trains bias vectors, and this '{backbone.model.config.model_type}' "
+                         "backbone has none in its Linear or LayerNorm layers (LLaMA-class decoders have none); use "
+                         "another method")
+    for param in biases:
+        param.requires_grad_(True)
     return NoPrompt(backbone)

@@ -41,7 +41,7 @@ def run_config(tmp_path, model_dir, stage: int, method: dict, *, frozen_cache: b
 
 
 @pytest.mark.parametrize(("family", "stage", "num_ranks"), [
-    ("bert", 2, 1), ("bert", 3, 2), ("llama", 3, 1), ("llama", 2, 2), ("llama", "3_bf16", 2)])
+    ("bert", 2, 1), ("bert", 3, 2), ("llama", 3, 1), ("llama", "2_bf16", 2)])
 def test_losses_and_metrics_are_the_same_with_the_cache(tmp_path, tiny_models, family, stage, num_ranks):
     """Bitwise: the cached states are those the forward computes (tests/unit/test_frozen_cache.py), so every logged
     loss, every evaluation and the final scores match exactly. Two epochs: the cache is read again in the second."""
@@ -82,8 +82,8 @@ def test_under_zero3_the_layers_below_k_are_neither_run_nor_gathered_after_the_p
                             cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads(line.split("FROZEN_CACHE_PROBE ", 1)[1])
-               for line in result.stdout.splitlines() if "FROZEN_CACHE_PROBE " in line]
+    # Each rank's report, read where it starts: the two ranks print at the same moment, on one shared stdout
+    reports = [json.JSONDecoder().raw_decode(chunk)[0] for chunk in result.stdout.split("FROZEN_CACHE_PROBE ")[1:]]
     assert sorted(r["rank"] for r in reports) == [0, 1], result.stdout[-2000:]
     for report in reports:
         runs = report["runs"]
