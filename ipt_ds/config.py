@@ -123,17 +123,23 @@ class TrainConfig:
     """Never compute the frozen part twice: before training, one pass sharded over the ranks computes the states
     entering the method's first trained layer (LPT's layer k) for every example of the train, eval and test splits;
     every later step and evaluation starts at that layer, and the layers below are neither run nor, under ZeRO-3,
-    gathered. Every rank holds every example's states in CPU memory (T x hidden values per example, in the run's
-    dtype), with no budget and no spill to disk yet. Text classification with a method that reads the states (lpt);
-    refused with model.dropout, head.siamese, generation tasks and images, and for methods whose first trained layer
-    is 0 (nothing is frozen below it)."""
+    gathered. Every rank can read every example's states (T x hidden values per example, in the run's dtype): in CPU
+    memory within train.frozen_cache_gb, else from memory-mapped files in `<run.output_dir>/frozen_cache/`, which a
+    later run of the same inputs (a resume, say) reuses. Text classification with a method that reads the states
+    (lpt); refused with model.dropout, head.siamese, generation tasks and images, and for methods whose first trained
+    layer is 0 (nothing is frozen below it)."""
+    frozen_cache_gb: float = 4.0
+    """With train.frozen_cache: the GiB of states each rank may hold in memory. States of all examples beyond it go
+    to memory-mapped files in `<run.output_dir>/frozen_cache/` (each rank writes the rows it computed; every rank
+    reads all files; on a shared filesystem for multi-node runs), with a fingerprint of what they depend on: a later
+    run reuses them if it matches and the files are whole, else computes them again. 0: always the files."""
 
     def validate(self) -> list[str]:
         problems = at_least(self, "train", 1, "batch_size", "micro_batch_size", "eval_batch_size")
         if not problems and self.batch_size % self.micro_batch_size:
             problems.append(f"train.batch_size {self.batch_size} is not a multiple of train.micro_batch_size "
                             f"{self.micro_batch_size}")
-        problems += at_least(self, "train", 0, "epochs", "max_steps", "eval_every")
+        problems += at_least(self, "train", 0, "epochs", "max_steps", "eval_every", "frozen_cache_gb")
         if not problems and self.epochs < 1 and self.max_steps < 1:
             problems.append("set train.epochs or train.max_steps to at least 1")
         return problems

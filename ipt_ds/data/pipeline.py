@@ -102,22 +102,30 @@ def rank_eval_batches(lengths: list[int], *, batch_size: int, rank: int, world_s
 
 def predict_sharded(engine, lengths: list[int], batch_size: int, make_batch, run) -> list:
     """Each rank runs `run(make_batch(indices))` -> one result per row on its share of the examples (batched by
-    `lengths`); every rank gets all results back, in input order. A rank with one batch fewer runs a stand-in batch
-    whose results are dropped, so that every rank makes the same forwards (ZeRO-3 gathers in lockstep)."""
+    `lengths`); every rank gets all results back, in input order."""
     import torch
 
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    mine = []
-    engine.eval()
-    with torch.no_grad():
-        for indices in rank_eval_batches(lengths, batch_size=batch_size, rank=rank, world_size=world):
-            results = run(make_batch(indices or [0]))
-            if indices:
-                mine.extend(zip(indices, results))
-    gathered: list = [None] * world
+    mine = [pair for indices, results in predict_share(engine, lengths, batch_size, make_batch, run)
+            for pair in zip(indices, results)]
+    gathered: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, mine)
     by_index = dict(pair for part in gathered for pair in part)
     return [by_index[i] for i in range(len(lengths))]
+
+
+def predict_share(engine, lengths: list[int], batch_size: int, make_batch, run):
+    """Yield (indices, `run(make_batch(indices))`) for each of this rank's batches (`rank_eval_batches`), results
+    gathered nowhere. A rank with one batch fewer runs a stand-in batch whose results are dropped, so that every rank
+    makes the same forwards (ZeRO-3 gathers in lockstep)."""
+    import torch
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    engine.eval()
+    for indices in rank_eval_batches(lengths, batch_size=batch_size, rank=rank, world_size=world):
+        with torch.no_grad():
+            results = run(make_batch(indices or [0]))
+        if indices:
+            yield indices, results
 
 
 def logits_of(engine, batch: dict) -> list:

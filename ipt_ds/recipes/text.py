@@ -84,15 +84,16 @@ class TextRecipe(TokenBatches):
         return model, features, {"task": self.task.name, "label_names": list(self.task.label_names)}
 
     def prepare(self, engine) -> None:
-        """With train.frozen_cache: compute every split's frozen states (every rank calls it)."""
+        """With train.frozen_cache: compute (or reuse) every split's frozen states (every rank calls it)."""
         if not self.cached:
             return
         self.cached["eval"] = [self.encoder(e) for e in self.eval_examples]
         self.cached["test"] = [self.encoder(e) for e in self.test_examples]
         every = [f for split in self.cached.values() for f in split]
-        log.info("frozen-state cache fingerprint %s", frozen_cache.fingerprint(engine.module, self.encoder.tokenizer,
-                                                                               every))
-        frozen_cache.precompute(engine, every, batch_size=self.cfg.train.eval_batch_size, pad_id=self.pad_id)
+        frozen_cache.precompute(engine, every, tokenizer=self.encoder.tokenizer,
+                                batch_size=self.cfg.train.eval_batch_size, pad_id=self.pad_id,
+                                budget_gb=self.cfg.train.frozen_cache_gb,
+                                directory=self.cfg.output_path() / "frozen_cache")
 
     def evaluate(self, engine) -> dict[str, float]:
         return evaluate(engine, self.encoder, self.task, self.eval_examples, self.cfg.train.eval_batch_size,

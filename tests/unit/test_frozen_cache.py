@@ -1,8 +1,13 @@
 """The frozen-state cache (`train.frozen_cache`, ipt_ds/frozen_cache.py): states computed once, in other batches than
 the training ones, give the same LPT losses and gradients as the uncached forward; configs where they could not be
-exact are refused. The multi-rank runs under ZeRO-2/3 are in tests/distributed/test_frozen_cache.py."""
+exact are refused; beyond `train.frozen_cache_gb` the states read from the files equal those held in memory, and the
+files are reused only for the same inputs and whole. The multi-rank runs under ZeRO-2/3 are in
+tests/distributed/test_frozen_cache.py."""
 
 from __future__ import annotations
+
+import logging
+import os
 
 import pytest
 import torch
@@ -22,11 +27,11 @@ def data(tmp_path_factory):
     return write_entailment_task(tmp_path_factory.mktemp("cache-data"), num_train=12, num_eval=4)
 
 
-def build(family, models, overrides=None, method=LPT):
+def build(family, models, overrides=None, method=LPT, dtype=torch.float32):
     torch.manual_seed(0)
     cfg = load_config(None, {"model.name_or_path": str(models[family]), "head.dropout": 0.0, "data.max_length": 32,
                              **method, **(overrides or {})})
-    return build_model(cfg, get_task("rte"), dtype=torch.float32, ds_config=None)
+    return build_model(cfg, get_task("rte"), dtype=dtype, ds_config=None)
 
 
 def cache_states(model, features, pad_id, batch_size):
@@ -104,3 +109,89 @@ def test_the_fingerprint_follows_what_the_states_depend_on(tiny_models, data):
     changed = [fingerprint("bert", {"data.max_length": 12}), fingerprint("bert", {"method.num_virtual_tokens": 4}),
                fingerprint("bert", {"head.type": "verbalizer"}), fingerprint("roberta", {})]
     assert len({base, *changed}) == 5
+
+
+class Engine:
+    """What `frozen_cache.precompute` uses of a DeepSpeed engine (real engines on 2 ranks, whose files both ranks
+    read: tests/distributed/test_frozen_cache.py)."""
+
+    def __init__(self, model):
+        self.module = model
+
+    def eval(self):
+        self.module.eval()
+
+    def __call__(self, batch):
+        return self.module(batch)
+
+
+@pytest.fixture
+def one_rank():
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def precompute(model, encoder, data, *, budget_gb, directory):
+    """Every train and eval example with its frozen states, and how often layer 0 (below k = 1) ran."""
+    from ipt_ds import frozen_cache
+
+    features = [encoder(e) for split in ("train", "val") for e in read_split(data[split], get_task("rte"))]
+    runs = []
+    hook = model.backbone.layer_stack()[0].register_forward_hook(lambda *_: runs.append(1))
+    frozen_cache.precompute(Engine(model), features, tokenizer=encoder.tokenizer, batch_size=5,
+                            pad_id=encoder.tokenizer.pad_token_id, budget_gb=budget_gb, directory=directory)
+    hook.remove()
+    return features, len(runs)
+
+
+def same_states(features, others) -> bool:
+    return all(torch.equal(f["frozen_states"], o["frozen_states"]) for f, o in zip(features, others, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_states_read_from_the_files_equal_those_held_in_memory(dtype, tiny_models, data, one_rank, tmp_path):
+    """Bitwise, with the same losses: train.frozen_cache_gb=0 sends every state to the files."""
+    model, encoder = build("bert", tiny_models, dtype=dtype)
+    in_memory, _ = precompute(model, encoder, data, budget_gb=4.0, directory=tmp_path / "frozen_cache")
+    assert not (tmp_path / "frozen_cache").exists()
+    on_disk, _ = precompute(model, encoder, data, budget_gb=0.0, directory=tmp_path / "frozen_cache")
+    assert sorted(p.name for p in (tmp_path / "frozen_cache").iterdir()) == ["fingerprint.json", "index.npy",
+                                                                               "rank0.npy"]
+    assert on_disk[0]["frozen_states"].dtype == dtype and same_states(on_disk, in_memory)
+    batch = [0, 3, 7, 8, 12]
+    pad_id = encoder.tokenizer.pad_token_id
+    with torch.no_grad():
+        (memory_logits, memory_loss), (disk_logits, disk_loss) = (
+            model(collate([features[i] for i in batch], pad_id)) for features in (in_memory, on_disk))
+    assert torch.equal(disk_logits, memory_logits) and torch.equal(disk_loss, memory_loss)
+
+
+def test_the_files_are_reused_for_the_same_inputs_and_never_read_otherwise(tiny_models, data, one_rank, tmp_path,
+                                                                           caplog):
+    directory = tmp_path / "frozen_cache"
+    model, encoder = build("bert", tiny_models)
+    first, num_runs = precompute(model, encoder, data, budget_gb=0.0, directory=directory)
+    assert num_runs > 0
+    first = [{**f, "frozen_states": f["frozen_states"].clone()} for f in first]  # not views of files changed below
+    again, num_runs = precompute(model, encoder, data, budget_gb=0.0, directory=directory)
+    assert num_runs == 0 and same_states(again, first), "same inputs: the files are read, the pass does not run"
+
+    rows = directory / "rank0.npy"
+    os.truncate(rows, rows.stat().st_size - 4)
+    with caplog.at_level(logging.WARNING, logger="ipt_ds"):
+        again, num_runs = precompute(model, encoder, data, budget_gb=0.0, directory=directory)
+    assert num_runs > 0 and same_states(again, first)
+    assert "rank0.npy holds" in caplog.text and "computing it again" in caplog.text
+
+    (directory / "fingerprint.json").unlink()  # as a write cut short leaves it
+    again, num_runs = precompute(model, encoder, data, budget_gb=0.0, directory=directory)
+    assert num_runs > 0 and same_states(again, first)
+
+    caplog.clear()
+    shorter, shorter_encoder = build("bert", tiny_models, {"data.max_length": 12})
+    with caplog.at_level(logging.WARNING, logger="ipt_ds"):
+        cut, num_runs = precompute(shorter, shorter_encoder, data, budget_gb=0.0, directory=directory)
+    assert num_runs > 0 and "states of other inputs" in caplog.text
+    fresh, _ = precompute(shorter, shorter_encoder, data, budget_gb=4.0, directory=tmp_path / "unused")
+    assert same_states(cut, fresh) and any(len(f["input_ids"]) != len(c["input_ids"]) for f, c in zip(first, cut))
