@@ -2,9 +2,10 @@
 
 Below a method's first trained layer k (`Method.first_trained_layer`) the backbone's output for an example never
 changes during training: frozen weights, no dropout (the config refuses `model.dropout`). One pass before training,
-sharded over the ranks as evaluation is (`predict_sharded`), computes the states entering layer k for every example of
-the train, eval and test splits; every rank gets every example's (T, H) states back and keeps them with the example's
-encoded features, so shuffling, rank shares and evaluation sharding stay as they are. `collate` pads them into
+sharded over the ranks as evaluation is (`predict_sharded`, `predict_share`), computes the states entering layer k for
+every example of the train, eval and test splits; every rank can read every example's (T, H) states (in memory or
+from files, below) and keeps them with the example's encoded features, so shuffling, rank shares and evaluation
+sharding stay as they are. `collate` pads them into
 `batch["frozen_states"]`, and a method that reads them (`Method.reads_frozen_states`) starts at layer k: the layers
 below are neither run nor, under ZeRO-3, gathered.
 

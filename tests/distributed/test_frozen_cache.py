@@ -1,6 +1,7 @@
 """The frozen-state cache in real DeepSpeed runs (gloo, CPU, fp32, and once bf16): LPT trains with the same losses and
 scores the same metrics with and without `train.frozen_cache`, on 1 and 2 ranks, under ZeRO-2 and ZeRO-3, on an
-encoder and a grouped-query decoder; a method with nothing frozen to cache is refused before anything is written."""
+encoder and a grouped-query decoder, once from the memory-mapped files that 2 ranks wrote (`train.frozen_cache_gb:
+0`); a method with nothing frozen to cache is refused before anything is written."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from tests.conftest import (
 LPT = {"name": "lpt", "generator": "npg", "num_virtual_tokens": 4, "generator_width": 8, "dropout": 0.0}
 
 
-def run_config(tmp_path, model_dir, stage: int, method: dict, *, frozen_cache: bool):
+def run_config(tmp_path, model_dir, stage: int, method: dict, *, frozen_cache: bool, frozen_cache_gb: float = 4.0):
     data = write_entailment_task(tmp_path / "data", num_train=48, num_eval=20)
     return write_config(tmp_path / "cfg.yaml", {
         "run": {"log_every": 1, "seed": 3},
@@ -34,21 +35,22 @@ def run_config(tmp_path, model_dir, stage: int, method: dict, *, frozen_cache: b
         "data": {"task": "rte", "format": "jsonl", "train_split": str(data["train"]), "eval_split": str(data["val"]),
                  "test_split": str(data["val"]), "max_length": 64},
         "train": {"batch_size": 8, "micro_batch_size": 4, "max_steps": 8, "eval_every": 4, "eval_batch_size": 6,
-                  "frozen_cache": frozen_cache},
+                  "frozen_cache": frozen_cache, "frozen_cache_gb": frozen_cache_gb},
         "optim": {"lr": 0.05, "warmup_ratio": 0.0},
         "deepspeed": {"config": f"ds_configs/zero{stage}.json"},
     })
 
 
-@pytest.mark.parametrize(("family", "stage", "num_ranks"), [
-    ("bert", 2, 1), ("bert", 3, 2), ("llama", 3, 1), ("llama", "2_bf16", 2)])
-def test_losses_and_metrics_are_the_same_with_the_cache(tmp_path, tiny_models, family, stage, num_ranks):
+@pytest.mark.parametrize(("family", "stage", "num_ranks", "budget_gb"), [
+    ("bert", 2, 1, 4.0), ("bert", 3, 2, 0.0), ("llama", 3, 1, 4.0), ("llama", "2_bf16", 2, 4.0)])
+def test_losses_and_metrics_are_the_same_with_the_cache(tmp_path, tiny_models, family, stage, num_ranks, budget_gb):
     """Bitwise: the cached states are those the forward computes (tests/unit/test_frozen_cache.py), so every logged
-    loss, every evaluation and the final scores match exactly. Two epochs: the cache is read again in the second."""
+    loss, every evaluation and the final scores match exactly. Two epochs: the cache is read again in the second.
+    With budget 0, each rank writes the states it computed to its own file and reads both ranks' files."""
     started = {}
     for cached in (False, True):  # both runs at once
         run = tmp_path / f"cached{cached}"
-        cfg = run_config(run, tiny_models[family], stage, LPT, frozen_cache=cached)
+        cfg = run_config(run, tiny_models[family], stage, LPT, frozen_cache=cached, frozen_cache_gb=budget_gb)
         started[cached] = start_cli("train", str(cfg), f"--run.output_dir={run / 'out'}", num_ranks=num_ranks)
     logs, results = {}, {}
     for cached, process in started.items():
@@ -64,6 +66,14 @@ def test_losses_and_metrics_are_the_same_with_the_cache(tmp_path, tiny_models, f
         [{k: v for k, v in row.items() if k != "train/samples_per_s"} for row in logs[False]]
     assert sum("eval/" in key for row in logs[True] for key in row) >= 2
     assert results[True] == results[False] and "test" in results[True]
+    files = tmp_path / "cachedTrue" / "out" / "frozen_cache"
+    if budget_gb:
+        assert not files.exists()
+    else:
+        written = json.loads((files / "fingerprint.json").read_text())["files"]
+        assert sorted(written) == ["index.npy", "rank0.npy", "rank1.npy"]
+        index = np.load(files / "index.npy")  # (file, first row, number of rows) per example
+        assert sorted(set(index[:, 0].tolist())) == [0, 1] and index[:, 2].sum() > 0
 
 
 def test_a_method_with_nothing_frozen_is_refused_before_anything_is_written(tmp_path, tiny_bert):
