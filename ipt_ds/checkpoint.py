@@ -425,8 +425,8 @@ def check_resume_config(out: Path, config: dict) -> None:
     if changed:
         raise ValueError(f"--run.resume: these settings differ from the run in '{out}': {'; '.join(changed)}. "
                          "Resume with the run's own settings (only run.*, train.max_steps, train.epochs, "
-                         "train.eval_every, train.eval_batch_size, train.nonfinite and train.micro_batch_size may "
-                         "change) or start a new run")
+                         "train.eval_every, train.eval_batch_size, train.nonfinite, train.micro_batch_size and "
+                         "train.frozen_cache* may change) or start a new run")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

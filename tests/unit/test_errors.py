@@ -557,7 +557,7 @@ def test_resume_may_change_the_ranks_and_micro_batch_but_not_the_global_batch(tm
 
     check_run_dir(resume())  # another number of ranks (tests/test_elastic.py runs it)
     check_run_dir(resume(**{"train.micro_batch_size": "1"}))
-    check_run_dir(resume(**{"train.frozen_cache": "true"}))  # the same states, computed once
+    check_run_dir(resume(**{"train.frozen_cache": "true", "train.frozen_cache_gb": "0"}))  # the same states, once
     check_run_dir(resume(**{"train.max_steps": "9", "run.log_every": "1", "run.keep_checkpoints": "3"}))
     with pytest.raises(ValueError, match=r"optim.lr \(was 0.001, now 0.5\)"):
         check_run_dir(resume(**{"optim.lr": "0.5"}))
