@@ -121,13 +121,14 @@ class TrainConfig:
     weights, optimizer state or schedule). fp16 loss-scaler overflows are always skipped, as DeepSpeed does."""
     frozen_cache: bool = False
     """Never compute the frozen part twice: before training, one pass sharded over the ranks computes the states
-    entering the method's first trained layer (LPT's layer k) for every example of the train, eval and test splits;
-    every later step and evaluation starts at that layer, and the layers below are neither run nor, under ZeRO-3,
-    gathered. Every rank can read every example's states (T x hidden values per example, in the run's dtype): in CPU
-    memory within train.frozen_cache_gb, else from memory-mapped files in `<run.output_dir>/frozen_cache/`, which a
-    later run of the same inputs (a resume, say) reuses. Text classification with a method that reads the states
-    (lpt); refused with model.dropout, head.siamese, generation tasks and images, and for methods whose first trained
-    layer is 0 (nothing is frozen below it)."""
+    entering the method's first trained layer (LPT's layer k; the last layer's output for linear_probe) for every
+    example of the train, eval and test splits; every later step and evaluation starts at that layer, and the
+    layers below are neither run nor, under ZeRO-3, gathered. Every rank can read every example's states (T x
+    hidden values per example, in the run's dtype): in CPU memory within train.frozen_cache_gb, else from memory-
+    mapped files in `<run.output_dir>/frozen_cache/`, which a later run of the same inputs (a resume, say)
+    reuses. Text classification with a method that reads the states (lpt, linear_probe); refused with
+    model.dropout, head.siamese, generation tasks and images, and for methods whose first trained layer is 0
+    (nothing is frozen below it)."""
     frozen_cache_gb: float = 4.0
     """With train.frozen_cache: the GiB of states each rank may hold in memory. States of all examples beyond it go
     to memory-mapped files in `<run.output_dir>/frozen_cache/` (each rank writes the rows it computed; every rank

@@ -49,15 +49,20 @@ from ipt_ds.data.pipeline import predict_sharded, predict_share, rank_eval_batch
 log = logging.getLogger("ipt_ds")
 
 
-def check_method(method, name: str) -> None:
+def check_method(method, name: str, backbone) -> None:
     """Refuse `train.frozen_cache` for a method with nothing frozen below its first trained layer, or that does not
-    read cached states."""
+    read cached states, and on a backbone whose stack cannot start from given states."""
     if method.first_trained_layer == 0:
         raise ValueError(f"train.frozen_cache: method '{name}' trains parameters from the first layer on (its first "
                          "trained layer is 0), so nothing is frozen below it to cache; set train.frozen_cache to false")
     if not method.reads_frozen_states:
-        raise ValueError(f"train.frozen_cache: method '{name}' cannot start from cached states yet (lpt can); set "
-                         "train.frozen_cache to false")
+        raise ValueError(f"train.frozen_cache: method '{name}' cannot start from cached states (lpt and linear_probe "
+                         "can); set train.frozen_cache to false")
+    try:
+        backbone.adapter.check_late()
+    except ValueError as err:
+        raise ValueError(f"train.frozen_cache: cannot start this backbone from cached states ({err}); set "
+                         "train.frozen_cache to false") from None
 
 
 def fingerprint(model, tokenizer, features: list[dict]) -> str:

@@ -79,7 +79,7 @@ class TextRecipe(TokenBatches):
             log.info("%d of %d training inputs truncated to data.max_length=%d (longest first)",
                      self.encoder.num_truncated, len(features), cfg.data.max_length)
         if cfg.train.frozen_cache:
-            frozen_cache.check_method(model.method, cfg.method.name)
+            frozen_cache.check_method(model.method, cfg.method.name, model.backbone)
             self.cached["train"] = features
         return model, features, {"task": self.task.name, "label_names": list(self.task.label_names)}
 

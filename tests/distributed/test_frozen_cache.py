@@ -1,7 +1,8 @@
 """The frozen-state cache in real DeepSpeed runs (gloo, CPU, fp32, and once bf16): LPT trains with the same losses and
 scores the same metrics with and without `train.frozen_cache`, on 1 and 2 ranks, under ZeRO-2 and ZeRO-3, on an
 encoder and a grouped-query decoder, once from the memory-mapped files that 2 ranks wrote (`train.frozen_cache_gb:
-0`); a method with nothing frozen to cache is refused before anything is written."""
+0`); so does the linear probe from its cached last-layer output under ZeRO-3; a method with nothing frozen to cache is
+refused before anything is written."""
 
 from __future__ import annotations
 
@@ -41,22 +42,30 @@ def run_config(tmp_path, model_dir, stage: int, method: dict, *, frozen_cache: b
     })
 
 
-@pytest.mark.parametrize(("family", "stage", "num_ranks", "budget_gb"), [
-    ("bert", 2, 1, 4.0), ("bert", 3, 2, 0.0), ("llama", 3, 1, 4.0), ("llama", "2_bf16", 2, 4.0)])
-def test_losses_and_metrics_are_the_same_with_the_cache(tmp_path, tiny_models, family, stage, num_ranks, budget_gb):
+PROBE = {"name": "linear_probe"}
+
+
+@pytest.mark.parametrize(("family", "stage", "num_ranks", "budget_gb", "method"), [
+    ("bert", 2, 1, 4.0, LPT), ("bert", 3, 2, 0.0, LPT), ("llama", 3, 1, 4.0, PROBE), ("llama", "2_bf16", 2, 4.0, LPT)],
+    ids=["bert-zero2-1rank-lpt", "bert-zero3-2ranks-files-lpt", "llama-zero3-1rank-linear_probe",
+         "llama-zero2bf16-2ranks-lpt"])
+def test_losses_and_metrics_are_the_same_with_the_cache(tmp_path, tiny_models, family, stage, num_ranks, budget_gb,
+                                                        method):
     """Bitwise: the cached states are those the forward computes (tests/unit/test_frozen_cache.py), so every logged
     loss, every evaluation and the final scores match exactly. Two epochs: the cache is read again in the second.
-    With budget 0, each rank writes the states it computed to its own file and reads both ranks' files."""
+    With budget 0, each rank writes the states it computed to its own file and reads both ranks' files. LPT caches
+    the states entering layer 1, the linear probe the output of the last (layer 2 of 2)."""
     started = {}
     for cached in (False, True):  # both runs at once
         run = tmp_path / f"cached{cached}"
-        cfg = run_config(run, tiny_models[family], stage, LPT, frozen_cache=cached, frozen_cache_gb=budget_gb)
+        cfg = run_config(run, tiny_models[family], stage, method, frozen_cache=cached, frozen_cache_gb=budget_gb)
         started[cached] = start_cli("train", str(cfg), f"--run.output_dir={run / 'out'}", num_ranks=num_ranks)
     logs, results = {}, {}
     for cached, process in started.items():
         result = finish_cli(process)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert ("frozen-state cache: states entering layer 1 of 88 examples" in result.stderr) == cached
+        layer = 1 if method is LPT else 2
+        assert (f"frozen-state cache: states entering layer {layer} of 88 examples" in result.stderr) == cached
         out = tmp_path / f"cached{cached}" / "out"
         logs[cached] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         results[cached] = json.loads((out / "results.json").read_text())

@@ -45,12 +45,18 @@ def cache_states(model, features, pad_id, batch_size):
                 features[i]["frozen_states"] = states[row, : len(features[i]["input_ids"])].clone()
 
 
+PROBE = {"method.name": "linear_probe"}
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
-@pytest.mark.parametrize("head", ["linear", "verbalizer"])
-def test_cached_states_give_the_same_losses_and_gradients(family, head, tiny_models, data):
-    """Bitwise, in fp32: states cached in length-sorted batches of 5, trained on in other mixes and paddings."""
-    model, encoder = build(family, tiny_models, {"head.type": head})
+@pytest.mark.parametrize(("method", "head"), [(LPT, "linear"), (LPT, "verbalizer"), (PROBE, "linear")],
+                         ids=["lpt-linear", "lpt-verbalizer", "linear_probe"])
+def test_cached_states_give_the_same_losses_and_gradients(family, method, head, tiny_models, data):
+    """Bitwise, in fp32: states cached in length-sorted batches of 5, trained on in other mixes and paddings. LPT
+    caches the states entering layer k = 1; the linear probe, the last layer's output (its final norm and head run)."""
+    model, encoder = build(family, tiny_models, {"head.type": head}, method=method)
     model.train()
+    trained = [p for p in model.parameters() if p.requires_grad]
     pad_id = encoder.tokenizer.pad_token_id
     features = [encoder(e) for e in read_split(data["train"], get_task("rte"))]
     cached = [dict(f) for f in features]
@@ -64,9 +70,10 @@ def test_cached_states_give_the_same_losses_and_gradients(family, head, tiny_mod
             lower.clear()
             _, loss = model(collate([source[i] for i in rows], pad_id))
             loss.backward()
-            results.append((loss.detach(), [p.grad.clone() for p in model.method.parameters()], len(lower)))
+            results.append((loss.detach(), [p.grad.clone() for p in trained], len(lower)))
         (plain_loss, plain_grads, plain_lower), (cached_loss, cached_grads, cached_lower) = results
         assert (plain_lower, cached_lower) == (1, 0), "with cached states the layers below k do not run"
+        assert trained and all(g.abs().sum() > 0 for g in plain_grads)
         assert torch.equal(cached_loss, plain_loss)
         assert all(torch.equal(a, b) for a, b in zip(cached_grads, plain_grads))
 
@@ -84,16 +91,23 @@ def test_configs_where_the_cache_cannot_be_exact_are_refused(overrides, reason):
         load_config(None, {"method.name": "linear_probe", "train.frozen_cache": True, **overrides})
 
 
-@pytest.mark.parametrize(("method", "reason"), [
-    ({"method.name": "prompt_tuning"}, "first trained layer is 0"),
-    ({"method.name": "linear_probe"}, "cannot start from cached states"),
-])
-def test_methods_with_nothing_to_cache_or_no_use_for_it_are_refused(method, reason, tiny_models):
+def test_methods_with_nothing_to_cache_or_no_use_for_it_are_refused(tiny_models, monkeypatch):
     from ipt_ds import frozen_cache
+    from ipt_ds.methods.base import NoPrompt
 
-    model, _ = build("bert", tiny_models, method=method)
-    with pytest.raises(ValueError, match=rf"train.frozen_cache: method '{method['method.name']}' .*{reason}"):
-        frozen_cache.check_method(model.method, method["method.name"])
+    model, _ = build("bert", tiny_models, method={"method.name": "prompt_tuning"})
+    with pytest.raises(ValueError, match="train.frozen_cache: method 'prompt_tuning' .*first trained layer is 0"):
+        frozen_cache.check_method(model.method, "prompt_tuning", model.backbone)
+    # A method whose first trained layer is above the stack but whose forward reads no cached states.
+    with pytest.raises(ValueError, match="train.frozen_cache: method 'bitfit' cannot start from cached states"):
+        frozen_cache.check_method(NoPrompt(model.backbone), "bitfit", model.backbone)
+    model, _ = build("bert", tiny_models, method=PROBE)
+    frozen_cache.check_method(model.method, "linear_probe", model.backbone)
+    # Every packaged test family can start from given states; an unsupported one is imitated by emptying the table
+    # of families whose stack can.
+    monkeypatch.setattr(model.backbone.adapter, "layer_input", {})
+    with pytest.raises(ValueError, match="train.frozen_cache: cannot start this backbone from cached states"):
+        frozen_cache.check_method(model.method, "linear_probe", model.backbone)
 
 
 def test_the_fingerprint_follows_what_the_states_depend_on(tiny_models, data):
