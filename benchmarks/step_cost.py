@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks import hygiene
 
 METHODS = {
     "lpt": {"method.name": "lpt", "method.num_virtual_tokens": 5},
@@ -107,21 +107,45 @@ def measure(cell: dict) -> dict:
     start_rss = rss_mib("VmRSS")
     times = [step() for _ in range(cell["steps"])]
     counts = model.parameter_report()
+    flops = useful_flops(model, batch_size=batch_size, seq_len=seq_len)
     return {**cell, "step_s": statistics.median(times), "start_rss_mib": start_rss,
             "peak_rss_mib": rss_mib("VmHWM"), "trainable": counts["trainable"], "backbone": counts["backbone"],
-            "layer": getattr(model.method, "layer", None), "num_layers": model.backbone.num_layers}
+            "layer": getattr(model.method, "layer", None), "num_layers": model.backbone.num_layers,
+            "step_flops": flops, "useful_flops_per_s": flops / statistics.median(times)}
 
 
-def run_cell(out: Path, cell: dict) -> dict:
+def useful_flops(model, *, batch_size: int, seq_len: int) -> float:
+    """Matrix-product FLOPs of one training step in the backbone's layers, from what the method declares
+    (methods/base.py): N = a layer's 2-D weights, H the hidden size, t its positions. Below the first trained layer a
+    layer runs forward only (2 N t + 4 t^2 H) on the input and its embedded prompts; from it up, forward and the
+    backward through its activations (2 N t + 8 t^2 H) on the input and every prompt position, plus the weight
+    gradients (2 N t) where its weights train. Embeddings, the head, key/value prefixes' extra keys and the
+    methods' own small products are left out."""
+    method, layers = model.method, model.backbone.layer_stack()
+    hidden = model.backbone.hidden_size
+    below, above = seq_len + method.num_embedded_prompts, seq_len + method.num_prefix_positions
+    total = 0.0
+    for index, layer in enumerate(layers):
+        weights = [p for p in layer.parameters() if p.dim() == 2]
+        n = sum(p.numel() for p in weights)
+        if index < method.first_trained_layer:
+            total += 2 * n * below + 4 * below**2 * hidden
+        else:
+            total += 4 * n * above + 12 * above**2 * hidden + (2 * n * above if any(p.requires_grad for p in weights)
+                                                               else 0)
+    return batch_size * total
+
+
+def run_cell(out: Path, cell: dict, cores: list[int]) -> dict:
+    """One cell in its own process pinned to `cores` (benchmarks/hygiene.py), with the load it ran under."""
     path = out / "runs" / f"{cell['id']}.json"
     if not path.exists():
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
-        result = subprocess.run([sys.executable, "-m", "benchmarks.step_cost", "--cell", json.dumps(cell)],
-                                env=env, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"cell {cell['id']} failed:\n{result.stderr[-3000:]}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(result.stdout.strip().splitlines()[-1])
+        run = hygiene.run_watched([sys.executable, "-m", "benchmarks.step_cost", "--cell", json.dumps(cell)],
+                                  cores=cores, log=out / "runs" / f"{cell['id']}.log")
+        if run["returncode"] != 0:
+            raise SystemExit(f"cell {cell['id']} failed; see {out / 'runs' / cell['id']}.log")
+        machine = {key: run[key] for key in ("threads", "load_average", "runnable_threads", "oversubscribed")}
+        path.write_text(json.dumps({**json.loads(run["stdout"].strip().splitlines()[-1]), **machine}))
         print(f"{cell['id']}: {json.loads(path.read_text())['step_s']:.3f} s/step", flush=True)
     return json.loads(path.read_text())
 
@@ -138,18 +162,23 @@ def ratios(results: list[dict], key: str, baseline: str) -> dict[str, tuple[floa
     return out
 
 
-def table(results: list[dict], baseline: str) -> list[str]:
+def table(results: list[dict], baseline: str, gemm_rate: float) -> list[str]:
+    """Per method: medians, ratios to `baseline` within each repeat, and the useful FLOP/s as a fraction of the run's
+    GEMM rate; * marks a method with an oversubscribed cell (benchmarks/hygiene.py)."""
     step = ratios(results, "step_s", baseline)
     peak = ratios(results, "peak_rss_mib", baseline)
-    lines = [f"| method | trainable | step (s, median) | step / {baseline} | peak RSS (MiB) | peak / {baseline} |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| method | trainable | step (s, median) | step / {baseline} | peak RSS (MiB) | peak / {baseline} | "
+             "useful GFLOP/s | of GEMM |", "|---|---|---|---|---|---|---|---|"]
     labels = list(dict.fromkeys(r["label"] for r in results))
     for label in labels:
         rows = [r for r in results if r["label"] == label]
-        lines.append(f"| {label} | {rows[0]['trainable']:,} | {statistics.median(r['step_s'] for r in rows):.3f} | "
+        busy = "*" if any(r.get("oversubscribed") for r in rows) else ""
+        rate = statistics.median(r["useful_flops_per_s"] for r in rows)
+        lines.append(f"| {label}{busy} | {rows[0]['trainable']:,} | "
+                     f"{statistics.median(r['step_s'] for r in rows):.3f} | "
                      f"{step[label][0]:.2f} ± {step[label][1]:.2f} | "
                      f"{statistics.median(r['peak_rss_mib'] for r in rows):,.0f} | "
-                     f"{peak[label][0]:.2f} ± {peak[label][1]:.2f} |")
+                     f"{peak[label][0]:.2f} ± {peak[label][1]:.2f} | {rate / 1e9:.1f} | {rate / gemm_rate:.2f} |")
     return lines
 
 
@@ -203,13 +232,22 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--sweep", action="store_true", help="LPT at every k of the first backbone")
     parser.add_argument("--sweep-accuracy", nargs="*", type=Path, default=[], help="finished LPT run directories")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run each method with model.compile (label METHOD+compile)")
+    parser.add_argument("--cores", default="0", help="the CPUs each cell is pinned to, e.g. 0 or 0,1 (one thread "
+                                                    "per CPU)")
     parser.add_argument("--name", default="step_cost", help="study folder under benchmarks/results/")
     args = parser.parse_args()
     if args.cell:
         print(json.dumps(measure(json.loads(args.cell))))
         return
+    cores = [int(c) for c in args.cores.split(",")]
     out = Path("benchmarks/results") / args.name
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    variants = {method: METHODS[method] for method in args.methods}
+    if args.compile:
+        variants |= {f"{method}+compile": {**METHODS[method], "model.compile": True} for method in args.methods}
+    gemm_rates = [hygiene.gemm(cores)]
     results: dict[str, list[dict]] = {}
     shapes = {}
     for spec in args.backbones:
@@ -218,10 +256,10 @@ def main() -> None:
         shapes[backbone] = {"backbone": backbone_path(backbone, out), "backbone_name": backbone,
                             "batch_size": batch_size, "seq_len": seq_len, "steps": args.steps, "warmup": args.warmup}
         for repeat in range(args.repeats):
-            for method in args.methods:
-                cell = {"id": f"{backbone}-{method}-b{batch_size}-t{seq_len}-r{repeat}", "label": method,
-                        "repeat": repeat, "overrides": METHODS[method], **shapes[backbone]}
-                results.setdefault(backbone, []).append(run_cell(out, cell))
+            for label, overrides in variants.items():
+                cell = {"id": f"{backbone}-{label}-b{batch_size}-t{seq_len}-r{repeat}", "label": label,
+                        "repeat": repeat, "overrides": overrides, **shapes[backbone]}
+                results.setdefault(backbone, []).append(run_cell(out, cell, cores))
     sweep = []
     if args.sweep:
         first = shapes[next(iter(shapes))]
@@ -230,25 +268,31 @@ def main() -> None:
                 cell = {"id": f"{first['backbone_name']}-lpt-k{k}-b{first['batch_size']}-t{first['seq_len']}-r{repeat}",
                         "label": f"lpt k={k}", "repeat": repeat, "overrides": {**METHODS["lpt"], "method.layer": k},
                         **first}
-                sweep.append(run_cell(out, cell))
+                sweep.append(run_cell(out, cell, cores))
         plot(out, sweep, accuracy_by_layer(args.sweep_accuracy))
+    gemm_rates.append(hygiene.gemm(cores))
+    gemm_rate = statistics.mean(gemm_rates)
+    cells = [cell for rows in (*results.values(), sweep) for cell in rows]
     command = "python -m benchmarks.step_cost " + " ".join(sys.argv[1:])
     lines = [f"Command: `{command}`", f"Date: {time.strftime('%Y-%m-%d')}",
              f"fp32, {args.steps} timed steps after {args.warmup} warm-up, {args.repeats} interleaved repeats; "
-             "ratios: median ± half-range over repeats.", ""]
+             "ratios: median ± half-range over repeats; each cell one process pinned to CPUs "
+             f"{args.cores}; GEMM fraction against the mean of the run's two GEMM rates.",
+             hygiene.machine_note(gemm_rates, cells), ""]
     for backbone, rows in results.items():
         lines += [f"### {backbone}, batch {rows[0]['batch_size']} x {rows[0]['seq_len']} tokens", "",
-                  *table(rows, args.methods[0]), ""]
+                  *table(rows, args.methods[0], gemm_rate), ""]
     if sweep:
         lines += [f"### LPT insertion layer sweep on {sweep[0]['backbone_name']} (baseline k=1)", "",
-                  *table(sweep, "lpt k=1"), ""]
+                  *table(sweep, "lpt k=1", gemm_rate), ""]
         accuracy = accuracy_by_layer(args.sweep_accuracy)
         if accuracy:
             lines += ["| k | eval accuracy (mean ± sd) | runs |", "|---|---|---|"]
             lines += [f"| {k} | {statistics.mean(a):.1f} ± {statistics.stdev(a) if len(a) > 1 else 0:.1f} | {len(a)} |"
                       for k, a in accuracy.items()]
         lines += ["", "![sweep](step_cost_sweep.png)", ""]
-    (out / "results.json").write_text(json.dumps({"results": results, "sweep": sweep}, indent=2))
+    (out / "results.json").write_text(json.dumps({"gemm_flops_per_s": gemm_rates, "results": results,
+                                                  "sweep": sweep}, indent=2))
     (out / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -38,6 +38,10 @@ class ModelConfig:
     """Keep the backbone's dropout active in training. Off for frozen backbones; full fine-tuning turns it on."""
     gradient_checkpointing: bool = False
     """Recompute backbone activations in backward (non-reentrant, so it works with prefixes and frozen weights)."""
+    compile: bool = False
+    """`torch.compile` each layer of the backbone's stack (dynamic shapes, so that length buckets do not recompile).
+    The first batches of each new shape pay the compilation (tens of seconds). Refused under ZeRO-3: its gather hooks
+    run inside each layer's call and break the compiled graph into pieces."""
     random_init: bool = False
     """Build the backbone from its config.json with random weights instead of reading them (speed and memory studies
     of shapes whose weights you lack); under ZeRO-3 each rank creates only its own partition."""
@@ -137,7 +141,12 @@ def load_backbone(
     model_cls = getattr(transformers, adapter.model_class(with_lm_head=with_lm_head))
 
     keep_alive = None
-    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    if cfg.compile and zero3:
+        raise ValueError("model.compile: under ZeRO-3, DeepSpeed's parameter gather hooks run inside every layer and "
+                         "break its compiled graph into pieces; use a ZeRO-2 DeepSpeed config, or set model.compile "
+                         "to false")
+    if zero3:
         from transformers.integrations import HfDeepSpeedConfig
 
         # Must exist before from_pretrained and stay referenced: transformers then builds the model partitioned.
@@ -163,6 +172,9 @@ def load_backbone(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         enable_prefix_checkpointing(model)
     backbone = Backbone(model, keep_dropout=cfg.dropout)
+    if cfg.compile:
+        for layer in backbone.layer_stack():
+            layer.compile(dynamic=True)
     backbone.adapter.finish_loading(path, hf_config, common)
     backbone._ds_config_ref = keep_alive  # plain attribute: keeps HfDeepSpeedConfig alive with the model
     return backbone, tokenizer

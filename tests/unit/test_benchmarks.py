@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -76,29 +77,78 @@ def test_methods_by_tasks_table_takes_each_cell_from_its_study(tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
-def step(label: str, repeat: int, seconds: float, peak: float) -> dict:
+def step(label: str, repeat: int, seconds: float, peak: float, busy: bool = False) -> dict:
     return {"label": label, "repeat": repeat, "step_s": seconds, "peak_rss_mib": peak, "start_rss_mib": 100.0,
-            "trainable": 10}
+            "trainable": 10, "useful_flops_per_s": 40e9 / seconds, "oversubscribed": busy}
 
 
 def test_step_cost_ratios_are_taken_within_each_repeat():
     # Repeat 1 ran on a machine twice as slow: ratios within a repeat stay 0.5, a ratio of medians would not.
     results = [step("base", 0, 1.0, 300.0), step("lpt", 0, 0.5, 200.0),
-               step("base", 1, 2.0, 300.0), step("lpt", 1, 1.0, 250.0)]
+               step("base", 1, 2.0, 300.0), step("lpt", 1, 1.0, 250.0, busy=True)]
     time_ratio = step_cost.ratios(results, "step_s", "base")
     assert time_ratio["lpt"] == (pytest.approx(0.5), pytest.approx(0.0))
     assert time_ratio["base"] == (1.0, 0.0)
     peak_ratio = step_cost.ratios(results, "peak_rss_mib", "base")["lpt"]
     assert peak_ratio == (pytest.approx(0.75), pytest.approx(1 / 12))
-    lines = step_cost.table(results, "base")
-    assert lines[3] == "| lpt | 10 | 0.750 | 0.50 ± 0.00 | 225 | 0.75 ± 0.08 |"
+    lines = step_cost.table(results, "base", gemm_rate=100e9)
+    assert lines[2] == "| base | 10 | 1.500 | 1.00 ± 0.00 | 300 | 1.00 ± 0.00 | 30.0 | 0.30 |"
+    assert lines[3] == "| lpt* | 10 | 0.750 | 0.50 ± 0.00 | 225 | 0.75 ± 0.08 | 60.0 | 0.60 |"
 
 
 def test_step_cost_study_reuses_finished_cells(tmp_path):
     done = {"id": "x-lpt-r0", "step_s": 0.25}
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "x-lpt-r0.json").write_text(json.dumps(done))
-    assert step_cost.run_cell(tmp_path, {"id": "x-lpt-r0", "backbone": "does-not-exist"}) == done
+    assert step_cost.run_cell(tmp_path, {"id": "x-lpt-r0", "backbone": "does-not-exist"}, cores=[0]) == done
+
+
+@pytest.mark.parametrize(("method", "first_trained", "weights_train"), [
+    ({"method.name": "prompt_tuning", "method.num_virtual_tokens": 3}, 0, False),
+    ({"method.name": "lpt", "method.num_virtual_tokens": 3, "method.layer": 1}, 1, False),
+    ({"method.name": "full"}, 0, True)])
+def test_useful_flops_count_each_layer_as_the_method_runs_it(method, first_trained, weights_train, tiny_models):
+    """Against the count written out by hand for a 2-layer LLaMA: N = q, k, v, o and the gated MLP's weights."""
+    import torch
+
+    from ipt_ds.config import load_config
+    from ipt_ds.data.tasks import get_task
+    from ipt_ds.model import build_model
+
+    cfg = load_config(None, {"model.name_or_path": str(tiny_models["llama"]), **method})
+    model, _ = build_model(cfg, get_task("rte"), dtype=torch.float32, ds_config=None)
+    config = model.backbone.model.config
+    hidden, inter = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * hidden // config.num_attention_heads
+    n = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter
+    tokens, prompt = 10, 3 if "method.num_virtual_tokens" in method else 0
+    below = tokens + (prompt if method["method.name"] == "prompt_tuning" else 0)
+    above = tokens + prompt
+    expected = first_trained * (2 * n * below + 4 * below**2 * hidden) + (2 - first_trained) * (
+        (6 if weights_train else 4) * n * above + 12 * above**2 * hidden)
+    assert step_cost.useful_flops(model, batch_size=2, seq_len=tokens) == 2 * expected
+
+
+def test_a_cell_run_beside_more_busy_threads_than_cpus_is_marked_oversubscribed(tmp_path):
+    """benchmarks/hygiene.py: the cell's own record holds the load it ran under."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks import hygiene
+
+    spin = [sys.executable, "-c", "import time\nend = time.time() + 6\nwhile time.time() < end: pass"]
+    busy = [subprocess.Popen(spin) for _ in range((os.cpu_count() or 1) + 1)]
+    try:
+        time.sleep(0.5)
+        run = hygiene.run_watched([sys.executable, "-c", "import time; time.sleep(2); print('done')"], cores=[0],
+                                  log=tmp_path / "cell.log")
+    finally:
+        for process in busy:
+            process.kill()
+    assert run["returncode"] == 0 and run["stdout"].strip() == "done" and run["threads"] == 1
+    assert run["oversubscribed"] and run["runnable_threads"] > os.cpu_count()
+    assert len(run["load_average"]) == 2 and run["peak_rss_mib"] > 0
 
 
 def test_sweep_accuracy_groups_finished_runs_by_insertion_layer(tmp_path):
