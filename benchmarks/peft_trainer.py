@@ -260,7 +260,10 @@ def train(cell: dict) -> dict:
 
     class StepClock(TrainerCallback):
         def __init__(self):
-            self.times: list[float] = []
+            self.begin, self.times = 0.0, []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.begin = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.times.append(time.perf_counter())
@@ -296,9 +299,14 @@ def train(cell: dict) -> dict:
     if speed:
         window, per_epoch = speed["window"], math.ceil(len(train_set) / batch)
         # Random batches: each epoch of the 250 examples ends with a short batch (250 - 15 * 16 = 10 examples).
-        samples = sum(batch if step % per_epoch else len(train_set) - (per_epoch - 1) * batch
-                      for step in range(window + 1, total_steps + 1))
-        result["samples_per_s"] = samples / (clock.times[-1] - clock.times[window - 1])
+        def samples(steps: range) -> int:
+            return sum(batch if step % per_epoch else len(train_set) - (per_epoch - 1) * batch for step in steps)
+
+        timed = clock.times[-1] - clock.times[window - 1]
+        result["samples_per_s"] = samples(range(window + 1, total_steps + 1)) / timed
+        ends = [clock.begin, *clock.times[window - 1 :: window]]  # each window from the start of training
+        result["windows"] = [{"samples": samples(range(w * window + 1, (w + 1) * window + 1)),
+                              "seconds": ends[w + 1] - ends[w]} for w in range(len(ends) - 1)]
         result["padded_tokens_per_sample"] = sum(b * t for b, t in train_shapes) / sum(b for b, _ in train_shapes)
         result["eval_after"] = trainer.evaluate()  # as `ipt-ds train` evaluates once at its last step
     else:

@@ -114,13 +114,14 @@ def measure(cell: dict) -> dict:
             "step_flops": flops, "useful_flops_per_s": flops / statistics.median(times)}
 
 
-def useful_flops(model, *, batch_size: int, seq_len: int) -> float:
+def useful_flops(model, *, batch_size: int, seq_len: int, cached: bool = False) -> float:
     """Matrix-product FLOPs of one training step in the backbone's layers, from what the method declares
     (methods/base.py): N = a layer's 2-D weights, H the hidden size, t its positions. Below the first trained layer a
     layer runs forward only (2 N t + 4 t^2 H) on the input and its embedded prompts; from it up, forward and the
     backward through its activations (2 N t + 8 t^2 H) on the input and every prompt position, plus the weight
     gradients (2 N t) where its weights train. Embeddings, the head, key/value prefixes' extra keys and the
-    methods' own small products are left out."""
+    methods' own small products are left out. `cached`: the layers below the first trained one do not run (the
+    frozen-state cache) and are not counted."""
     method, layers = model.method, model.backbone.layer_stack()
     hidden = model.backbone.hidden_size
     below, above = seq_len + method.num_embedded_prompts, seq_len + method.num_prefix_positions
@@ -129,7 +130,7 @@ def useful_flops(model, *, batch_size: int, seq_len: int) -> float:
         weights = [p for p in layer.parameters() if p.dim() == 2]
         n = sum(p.numel() for p in weights)
         if index < method.first_trained_layer:
-            total += 2 * n * below + 4 * below**2 * hidden
+            total += 0 if cached else 2 * n * below + 4 * below**2 * hidden
         else:
             total += 4 * n * above + 12 * above**2 * hidden + (2 * n * above if any(p.requires_grad for p in weights)
                                                                else 0)

@@ -511,3 +511,43 @@ def test_e2e_zero_shot_cell_is_reused(tmp_path):
     (run / "results.json").write_text(json.dumps(generation_cell("zero-shot", 7.0, 31.0)))
     # The config does not exist: decoding would fail, so a returned result proves the cell was skipped.
     assert e2e.zero_shot_cell(tmp_path, Path("configs/e2e/missing.yaml"), [])["test"]["bleu"] == 7.0
+
+
+def test_speed_study_splits_epochs_and_reports_each_target_met_or_not():
+    """benchmarks/speed.py: epoch 1 apart from the later epochs; the cached method's later epochs count only the
+    layers that run; every target with its figure."""
+    from benchmarks import speed
+
+    def cell(method, arm, windows, rss):
+        return {"backbone": "minilm", "method": method, "arm": arm, "repeat": 0, "peak_rss_mib": rss,
+                "load_average": [0.1, 0.1], "runnable_threads": 1.0, "oversubscribed": False, "windows": windows}
+
+    def work(peft, cached=False):
+        return {"flops_per_sample": 10e9, "flops_per_sample_cached": 1e9 if cached else 10e9, "cached": cached,
+                "peft": peft}
+
+    epochs = lambda *seconds: [{"samples": 100, "seconds": s} for s in seconds]  # noqa: E731
+    works = {"minilm": {"prompt_tuning": work(True), "ptuning_v2": work(True), "lpt": work(False, cached=True),
+                        "linear_probe": work(False, cached=True), "full": work(True)}}
+    cells = [cell("prompt_tuning", "ours", epochs(4, 1, 1), 900), cell("prompt_tuning", "peft", epochs(2, 2, 2), 1000),
+             cell("prompt_tuning", "peft_default", epochs(2, 2, 2), 1000),
+             cell("ptuning_v2", "ours", epochs(2, 2, 2), 1000), cell("ptuning_v2", "peft", epochs(2, 2, 2), 1000),
+             cell("ptuning_v2", "peft_default", epochs(2, 2, 2), 1000),
+             cell("lpt", "ours", epochs(9, 0.5, 0.5), 600), cell("linear_probe", "ours", epochs(9, 0.1, 0.1), 500),
+             cell("full", "ours", epochs(4, 4, 4), 1500), cell("full", "peft", epochs(2, 2, 2), 1000),
+             cell("full", "peft_default", epochs(2, 2, 2), 1000)]
+    rows = [row for c in cells for row in speed.phase_rows(c, works["minilm"][c["method"]], gemm_rate=1000e9)]
+    first, later = [r for r in rows if r["method"] == "prompt_tuning" and r["arm"] == "ours"]
+    assert (first["phase"], first["samples_per_s"], later["samples_per_s"]) == ("first", 25.0, 100.0)
+    assert later["fraction_of_gemm"] == pytest.approx(100 * 10e9 / 1000e9)
+    lpt_later = next(r for r in rows if r["method"] == "lpt" and r["phase"] == "later")
+    assert lpt_later["useful_flops_per_s"] == pytest.approx(200 * 1e9), "the cached layers are not counted"
+    table, targets = speed.report(rows, works)
+    assert "| prompt_tuning | peft | 50.00 | 50.00 | 2.00 | 1,000 | 0.90 | 500.0 | 0.50 |" in table
+    assert "| minilm prompt_tuning: samples/s ≥ 1.0x peft | 2.00 | met |" in targets
+    assert "| minilm full: samples/s ≥ 1.0x peft | 0.50 | not met |" in targets
+    assert "| minilm full: peak RSS ≤ 1.0x PEFT on our batches | 1.50 | not met |" in targets
+    assert "| minilm LPT from epoch 2: samples/s ≥ 2x P-tuning v2 | 4.00 | met |" in targets
+    assert "| minilm LPT: peak RSS ≤ 0.7x P-tuning v2 | 0.60 | met |" in targets
+    assert "| minilm linear probe from epoch 2: samples/s ≥ 10x full fine-tuning | 40.00 | met |" in targets
+    assert "| minilm prompt_tuning: useful FLOP/s ≥ 0.70 of the GEMM rate | 1.00 | met |" in targets
