@@ -8,7 +8,9 @@ clean one.
 - **The load:** `run_watched` runs a process to the end while sampling the machine's runnable threads every half
   second (/proc/loadavg's fourth field, less the sampling thread itself), and records the load averages at its start
   and end, its own CPU seconds and peak RSS (wait4's rusage of this child alone). A cell is `oversubscribed` when the
-  runnable threads averaged more than the machine's cores: its time was shared, and it ranks nothing.
+  runnable threads averaged more than 1.1x the machine's cores (`OVERSUBSCRIBED`): its threads then had less than
+  about 90 % of a core each, and it ranks nothing. (Loading briefly runs a few threads of its own, and a shell
+  command beside a study adds one, so exactly the number of cores is too strict a line.)
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+OVERSUBSCRIBED = 1.1
+"""Runnable threads per CPU, averaged over a cell, above which it is marked oversubscribed."""
 
 
 def thread_env(cores: list[int]) -> dict[str, str]:
@@ -63,7 +68,7 @@ def run_watched(cmd: list[str], *, cores: list[int], log: Path, env: dict | None
             "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": time.perf_counter() - begin,
             "stdout": log.with_suffix(".out").read_text(), "cores": cores, "threads": len(cores),
             "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
-            "runnable_threads": round(runnable, 2), "cpus": cpus, "oversubscribed": runnable > cpus}
+            "runnable_threads": round(runnable, 2), "cpus": cpus, "oversubscribed": runnable > OVERSUBSCRIBED * cpus}
 
 
 def gemm(cores: list[int], *, seconds: float = 5.0) -> float:
@@ -82,4 +87,5 @@ def machine_note(gemm_rates: list[float], cells: list[dict]) -> str:
     return (f"Machine: {os.cpu_count()} CPUs; fp32 GEMM (2048^3, pinned, {cells[0]['threads'] if cells else 1} "
             f"thread(s)) {', '.join(f'{g / 1e9:.1f}' for g in gemm_rates)} GFLOP/s at the start and end of this run; "
             f"1-min load average {min(loads, default=0):.2f}-{max(loads, default=0):.2f} over the cells; "
-            f"{busy} of {len(cells)} cells oversubscribed (more runnable threads than CPUs on average; marked *).")
+            f"{busy} of {len(cells)} cells oversubscribed (on average more than {OVERSUBSCRIBED} runnable threads per "
+            "CPU; marked *).")

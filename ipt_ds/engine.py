@@ -178,7 +178,9 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int):
             is_vector = len(getattr(p, "ds_shape", p.shape)) < 2
             (no_decay if is_vector or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr)
+    # The fused kernel updates each tensor in one pass: on CPU 5.5x faster than the default per-tensor loop for
+    # MiniLM's 22.6M weights (docs/benchmarks.md, speed); HF Trainer's default optimizer is the same one.
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, fused=True)
     warmup = int(cfg.optim.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, total=total_steps, warmup=warmup, schedule=cfg.optim.schedule)
