@@ -5,13 +5,16 @@
 
 Backbones and data, as in the accuracy tables: `minilm` trains on SuperGLUE CB (250 examples, batch 16, the
 configs/cb/*_minilm.yaml), `smollm2` on LM-BFF SST-2 16-shot (32 examples, batch 8, configs/sst2/*_smollm2.yaml,
-label words). LPT and the linear probe run with `train.frozen_cache: true`; the linear probe on SmolLM2 is the prompt
-tuning config with a linear head. Arms, each one process (benchmarks/hygiene.py: pinned to --cores, one thread per
-core, with the load it ran under):
+label words). LPT and the linear probe run with `train.frozen_cache: true`; the linear probe on SmolLM2 is the full
+fine-tuning config with method linear_probe, a linear head and no dropout. Arms, each one process
+(benchmarks/hygiene.py: pinned to --cores, one thread per core, with the load it ran under):
 - `ours`: `ipt-ds train` on 1 rank (DeepSpeed, the config's ZeRO-2 JSON) for --epochs epochs, logging once per epoch;
 - `peft`: `benchmarks.peft_trainer` fed exactly our batches in our order (it isolates the trainers);
 - `peft_default`: the same with the Trainer's default random batches, as its users run it;
-where PEFT has the method (prompt tuning, P-tuning, prefix tuning, P-tuning v2; full fine-tuning with a linear head).
+where PEFT has the method (prompt tuning, P-tuning, prefix tuning, P-tuning v2; full fine-tuning with a linear head);
+- `kernel`: the step kernel alone on our batches: the same model, batches and fused AdamW in a bare loop (forward,
+  backward, step), no DeepSpeed, no logging; with the cache, its states computed once in epoch 1 as ours does.
+  ours / kernel is the share of the end-to-end time that is the model's own compute.
 Each run is split into its first epoch (for ours with the cache: plus the pass that computes it) and the later ones;
 every row is (backbone, method, arm, phase) with samples/s, the process's peak RSS (ru_maxrss: loading and the final
 evaluation included), useful FLOP/s and their fraction of the fp32 GEMM rate measured at the start and end of the
@@ -33,9 +36,11 @@ import time
 from pathlib import Path
 
 from benchmarks import hygiene
+from benchmarks.accuracy import parse_overrides
 from benchmarks.step_cost import useful_flops
 
 CACHED = ["--train.frozen_cache=true"]
+NO_TEST = ["--data.test_split="]
 STUDIES = {  # backbone -> method -> (config, overrides)
     "minilm": {
         "prompt_tuning": ("configs/cb/prompt_tuning_minilm.yaml", []),
@@ -47,25 +52,26 @@ STUDIES = {  # backbone -> method -> (config, overrides)
         "linear_probe": ("configs/cb/linear_probe_minilm.yaml", CACHED),
         "full": ("configs/cb/full_minilm.yaml", []),
     },
-    "smollm2": {
-        "prompt_tuning": ("configs/sst2/prompt_tuning_smollm2.yaml", []),
-        "ptuning_v1": ("configs/sst2/ptuning_v1_smollm2.yaml", []),
-        "prefix": ("configs/sst2/prefix_smollm2.yaml", []),
-        "ptuning_v2": ("configs/sst2/ptuning_v2_smollm2.yaml", []),
-        "ipt": ("configs/sst2/ipt_cnn_residual_smollm2.yaml", []),
-        "lpt": ("configs/sst2/lpt_smollm2.yaml", CACHED),
-        "linear_probe": ("configs/sst2/prompt_tuning_smollm2.yaml",
-                         ["--method.name=linear_probe", "--head.type=linear", "--optim.lr=1e-3", *CACHED]),
-        "full": ("configs/sst2/full_smollm2.yaml", []),
+    "smollm2": {  # the test split (872 examples) is left out: the runs evaluate once, on dev, after the last step
+        "prompt_tuning": ("configs/sst2/prompt_tuning_smollm2.yaml", NO_TEST),
+        "ptuning_v1": ("configs/sst2/ptuning_v1_smollm2.yaml", NO_TEST),
+        "prefix": ("configs/sst2/prefix_smollm2.yaml", NO_TEST),
+        "ptuning_v2": ("configs/sst2/ptuning_v2_smollm2.yaml", NO_TEST),
+        "ipt": ("configs/sst2/ipt_cnn_residual_smollm2.yaml", NO_TEST),
+        "lpt": ("configs/sst2/lpt_smollm2.yaml", [*NO_TEST, *CACHED]),
+        "linear_probe": ("configs/sst2/full_smollm2.yaml", ["--method.name=linear_probe", "--model.dropout=false",
+                                                            "--head.type=linear", "--optim.lr=1e-3", *NO_TEST,
+                                                            *CACHED]),
+        "full": ("configs/sst2/full_smollm2.yaml", NO_TEST),
     },
 }
-ARMS = ("ours", "peft", "peft_default")
+ARMS = ("ours", "kernel", "peft", "peft_default")
 
 
 def load(config: str, overrides: list[str]):
     from ipt_ds.config import load_config
 
-    return load_config(Path(config), dict(flag.removeprefix("--").split("=", 1) for flag in overrides))
+    return load_config(Path(config), parse_overrides(overrides))
 
 
 def workload(config: str, overrides: list[str]) -> dict:
@@ -95,14 +101,17 @@ def measure(out: Path, cell: dict, work: dict, cores: list[int]) -> dict:
     """One arm's run; its epochs as (samples, seconds) windows."""
     run = out / "runs" / cell["id"]
     epochs, batch = cell["epochs"], work["batch_size"]
-    if cell["arm"] == "ours":
+    if cell["arm"] == "kernel":
+        cmd = [sys.executable, "-m", "benchmarks.speed", "--kernel", json.dumps(cell)]
+    elif cell["arm"] == "ours":
         per_epoch = work["steps_per_epoch"]
         cmd = [sys.executable, "-m", "ipt_ds", "train", cell["config"], "--run.seed=1", f"--run.output_dir={run}",
                "--run.overwrite=true", f"--train.epochs={epochs}", "--train.eval_every=1000000",
                f"--run.log_every={per_epoch}", *cell["overrides"]]
     else:
         per_epoch = -(-work["examples"] // batch)
-        spec = {"config": cell["config"], "seed": 1, "output_dir": str(run), "overrides": cell["overrides"],
+        spec = {"config": cell["config"], "seed": 1, "output_dir": str(run),
+                "overrides": parse_overrides(cell["overrides"]),
                 "speed": {"steps": epochs * per_epoch, "window": per_epoch,
                           "batches": "ours" if cell["arm"] == "peft" else "default"}}
         cmd = [sys.executable, "-m", "benchmarks.peft_trainer", json.dumps(spec)]
@@ -118,10 +127,47 @@ def measure(out: Path, cell: dict, work: dict, cores: list[int]) -> dict:
                                (out / "runs" / f"{cell['id']}.log").read_text())
         if precompute:
             windows[0]["seconds"] += float(precompute.group(1))
-    else:
+    else:  # the kernel and PEFT print theirs
         windows = json.loads(done["stdout"].strip().splitlines()[-1])["windows"]
     machine = {key: done[key] for key in ("threads", "load_average", "runnable_threads", "oversubscribed")}
     return {**cell, **machine, "peak_rss_mib": done["peak_rss_mib"], "windows": windows, "wall_s": done["wall_s"]}
+
+
+def kernel(cell: dict) -> dict:
+    """The `kernel` arm, in this process: our model on our batches, timed per epoch."""
+    import torch
+
+    from ipt_ds.data.encode import collate
+    from ipt_ds.data.pipeline import global_train_batches, load_task_splits
+    from ipt_ds.data.tasks import get_task
+    from ipt_ds.engine import build_optimizer
+    from ipt_ds.model import build_model
+
+    cfg = load(cell["config"], [*cell["overrides"], "--run.seed=1"])
+    torch.manual_seed(cfg.run.seed)
+    _, train, _, _ = load_task_splits(cfg.data, cfg.run.seed)
+    model, encoder = build_model(cfg, get_task(cfg.data.task), dtype=torch.float32, ds_config=None)
+    features = [encoder(e) for e in train]
+    lengths, pad_id = [len(f["input_ids"]) for f in features], encoder.tokenizer.pad_token_id
+    optimizer, _ = build_optimizer(model, cfg, total_steps=1)
+    windows = []
+    for epoch in range(cell["epochs"]):
+        begin = time.perf_counter()
+        if cfg.train.frozen_cache and epoch == 0:
+            model.eval()
+            with torch.no_grad(), model.computing_frozen_states():
+                for indices in global_train_batches(lengths, batch_size=cfg.train.eval_batch_size, seed=0):
+                    states, _ = model(collate([features[i] for i in indices], pad_id))
+                    for row, i in enumerate(indices):
+                        features[i]["frozen_states"] = states[row, : lengths[i]].clone()
+        model.train()
+        for indices in global_train_batches(lengths, batch_size=cfg.train.batch_size, seed=cfg.run.seed + epoch):
+            _, loss = model(collate([features[i] for i in indices], pad_id))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        windows.append({"samples": len(features), "seconds": time.perf_counter() - begin})
+    return {"windows": windows}
 
 
 def run_cell(out: Path, cell: dict, work: dict, cores: list[int]) -> dict:
@@ -181,6 +227,11 @@ def report(rows: list[dict], works: dict) -> tuple[list[str], list[str]]:
                 rss = ours_rss / median(mine, "peak_rss_mib", method=method, arm="peft", phase="later")
                 targets.append(target(f"{backbone} {method}: peak RSS ≤ 1.0x PEFT on our batches", rss, 1.0,
                                       below=True))
+        for method in works[backbone]:
+            bare = median(mine, "samples_per_s", method=method, arm="kernel", phase="later")
+            if bare:
+                ours = median(mine, "samples_per_s", method=method, arm="ours", phase="later")
+                targets.append(target(f"{backbone} {method}: samples/s ≥ 0.9x the step kernel's", ours / bare, 0.9))
         later = {m: median(mine, "samples_per_s", method=m, arm="ours", phase="later") for m in works[backbone]}
         peak = {m: median(mine, "peak_rss_mib", method=m, arm="ours", phase="later") for m in works[backbone]}
         if later.get("lpt") and later.get("ptuning_v2"):
@@ -216,10 +267,10 @@ def plot(out: Path, rows: list[dict]) -> None:
     for ax, backbone in zip(axes[0], backbones):
         mine = [r for r in rows if r["backbone"] == backbone and r["phase"] == "later"]
         methods = list(dict.fromkeys(r["method"] for r in mine))
-        for offset, arm, color in ((-0.27, "ours", "tab:green"), (0, "peft", "tab:blue"),
-                                   (0.27, "peft_default", "tab:orange")):
+        for offset, arm, color in ((-0.3, "ours", "tab:green"), (-0.1, "kernel", "tab:gray"),
+                                   (0.1, "peft", "tab:blue"), (0.3, "peft_default", "tab:orange")):
             values = [median(mine, "samples_per_s", method=m, arm=arm) or 0 for m in methods]
-            ax.barh([i + offset for i in range(len(methods))], values, height=0.27, color=color, label=arm)
+            ax.barh([i + offset for i in range(len(methods))], values, height=0.2, color=color, label=arm)
         ax.set_yticks(range(len(methods)), methods)
         ax.set_xscale("log")
         ax.set_xlabel("training samples/s from epoch 2 (log scale)")
@@ -238,7 +289,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--cores", default="0", help="the CPUs each cell is pinned to, e.g. 0 or 0,1")
     parser.add_argument("--name", default="speed", help="study folder under benchmarks/results/")
+    parser.add_argument("--kernel", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.kernel:
+        print(json.dumps(kernel(json.loads(args.kernel))))
+        return
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the later epochs are reported apart from the first")
     cores = [int(c) for c in args.cores.split(",")]
@@ -251,7 +306,7 @@ def main() -> None:
         for backbone in args.backbones:
             for method in args.methods:
                 config, overrides = STUDIES[backbone][method]
-                arms = [a for a in args.arms if a == "ours" or works[backbone][method]["peft"]]
+                arms = [a for a in args.arms if not a.startswith("peft") or works[backbone][method]["peft"]]
                 for arm in arms if repeat % 2 == 0 else arms[::-1]:
                     cell = {"id": f"{backbone}-{method}-{arm}-e{args.epochs}-r{repeat}", "backbone": backbone,
                             "method": method, "arm": arm, "repeat": repeat, "epochs": args.epochs,
