@@ -24,6 +24,7 @@ from ipt_ds.engine import (
     NonFiniteError,
     TrainState,
     build_optimizer,
+    drop_single_rank_zero,
     fit_zero3_buckets,
     init_distributed,
     nonfinite_step,
@@ -106,6 +107,8 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     out = check_run_dir(cfg)  # nothing on disk changes before data, model and engine are built
     torch.manual_seed(cfg.run.seed)
     ds_config = resolve_ds_config(cfg, world_size=world)
+    if drop_single_rank_zero(ds_config, world):
+        log.info("one rank, fp32: ZeRO-1/2 would partition nothing; running without ZeRO (stage 0)")
     if unmap_freed_gathers(ds_config):
         log.info("ZeRO-3 on CPU: allocations from 1 MiB up are returned to the kernel when freed")
     model, features, about = recipe.build(ds_config)

@@ -331,7 +331,7 @@ def report(cfg, *, world_size: int = 1, batch_size: int | None = None, seq_len: 
 
     from ipt_ds.backbone import load_backbone
     from ipt_ds.data.tasks import get_task
-    from ipt_ds.engine import ds_dtype, fit_zero3_buckets, resolve_ds_config
+    from ipt_ds.engine import drop_single_rank_zero, ds_dtype, fit_zero3_buckets, resolve_ds_config
     from ipt_ds.model import build_model
     from ipt_ds.recipes import recipe_class
 
@@ -344,9 +344,11 @@ def report(cfg, *, world_size: int = 1, batch_size: int | None = None, seq_len: 
         raise ValueError(f"--offload must be one of {', '.join(OFFLOAD)}, got {offload!r}")
     # Reads and checks the JSON; batch divisibility and whether NVMe offload runs here are the launch's business.
     ds = resolve_ds_config(cfg, world_size=1, check_offload=False)
-    zero = ds["zero_optimization"]
     if stage is not None:
-        zero["stage"] = stage
+        ds["zero_optimization"]["stage"] = stage
+    else:
+        drop_single_rank_zero(ds, world_size)  # as `ipt-ds train` does on one rank
+    zero = ds["zero_optimization"]
     width = DTYPE_BYTES[dtype] if dtype else torch.tensor([], dtype=ds_dtype(ds)).element_size()
     with torch.device("meta"):
         loaded = load_backbone(cfg.model, dtype=torch.float32, with_lm_head=cfg.head.type in ("verbalizer", "lm"),

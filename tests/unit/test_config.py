@@ -195,3 +195,16 @@ def test_an_export_saved_with_the_old_names_loads_and_resumes(tmp_path, tiny_ber
     changed = config_from_dict(sections, {"method.num_virtual_tokens": "4"}, source="test").to_dict()
     with pytest.raises(ValueError, match=r"method.num_virtual_tokens \(was 3, now 4\)"):
         checkpoint.check_resume_config(tmp_path, changed)
+
+
+@pytest.mark.parametrize(("zero", "bf16", "ranks", "dropped"), [
+    ({"stage": 2, "contiguous_gradients": True}, False, 1, True), ({"stage": 1}, False, 1, True),
+    ({"stage": 2}, False, 2, False), ({"stage": 2}, True, 1, False), ({"stage": 3}, False, 1, False),
+    ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, False, 1, False)])
+def test_one_fp32_rank_runs_without_zero_1_and_2(zero, bf16, ranks, dropped):
+    """ZeRO-1/2 partition nothing on one rank: without offload or 16-bit weights, the run drops them (stage 0)."""
+    from ipt_ds.engine import drop_single_rank_zero
+
+    ds = {"zero_optimization": dict(zero), "bf16": {"enabled": bf16}}
+    assert drop_single_rank_zero(ds, ranks) == dropped
+    assert ds["zero_optimization"] == ({"stage": 0} if dropped else zero)
