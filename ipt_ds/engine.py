@@ -216,7 +216,10 @@ def skip_nonfinite_updates(engine) -> None:
     @torch.no_grad()
     def step(closure=None):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        optimizer.overflow = bool(grads) and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        # max |g| per tensor: one read pass, inf or NaN exactly where a value is (isfinite would write a mask as
+        # large as the gradients, a tenth of a full fine-tuning step on MiniLM)
+        optimizer.overflow = bool(grads) and not bool(torch.stack(torch._foreach_norm(grads, float("inf")))
+                                                      .isfinite().all())
         return None if optimizer.overflow else update(closure)
 
     optimizer.overflow = False

@@ -129,6 +129,8 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
     skip_nonfinite_updates(engine)
+    if world == 1:  # nothing to average: DeepSpeed would still copy every gradient into a flat buffer and back
+        engine.enable_backward_allreduce = False
     failures.watch_loss(engine.module)
     prepare_run_dir(cfg, out, rank)
     log.info("run directory: %s", out.resolve())
