@@ -12,8 +12,9 @@ fine-tuning config with method linear_probe, a linear head and no dropout. Arms,
 - `peft`: `benchmarks.peft_trainer` fed exactly our batches in our order (it isolates the trainers);
 - `peft_default`: the same with the Trainer's default random batches, as its users run it;
 where PEFT has the method (prompt tuning, P-tuning, prefix tuning, P-tuning v2; full fine-tuning with a linear head);
-- `kernel`: the step kernel alone on our batches: the same model, batches and fused AdamW in a bare loop (forward,
-  backward, step), no DeepSpeed, no logging; with the cache, its states computed once in epoch 1 as ours does.
+- `kernel`: the step kernel alone on our batches: the same model, batches, gradient clipping and fused AdamW in a
+  bare loop (forward, backward, clip, step), no DeepSpeed, no logging; with the cache, its states computed once in
+  epoch 1 as ours does.
   ours / kernel is the share of the end-to-end time that is the model's own compute.
 Each run is split into its first epoch (for ours with the cache: plus the pass that computes it) and the later ones;
 every row is (backbone, method, arm, phase) with samples/s, the process's peak RSS (ru_maxrss: loading and the final
@@ -166,6 +167,8 @@ def kernel(cell: dict) -> dict:
         for indices in global_train_batches(lengths, batch_size=cfg.train.batch_size, seed=cfg.run.seed + epoch):
             _, loss = model(collate([features[i] for i in indices], pad_id))
             loss.backward()
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         windows.append({"samples": len(features), "seconds": time.perf_counter() - begin})
