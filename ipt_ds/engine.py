@@ -89,8 +89,8 @@ def resolve_ds_config(cfg: Config, *, world_size: int, check_offload: bool = Tru
 def drop_single_rank_zero(ds: dict, world_size: int) -> bool:
     """On one rank, fp32, without offload, ZeRO-1/2 partition nothing: they only add a flat fp32 copy of the trained
     weights, a flat gradient buffer and copies between them and the weights at every step (full fine-tuning of MiniLM:
-    0.81x the bare step kernel's samples/s, 1.11x its peak RSS; docs/benchmarks.md, speed study). Run such a config
-    without ZeRO (stage 0), where DeepSpeed steps the optimizer on the weights themselves. The choice depends on the
+    peak RSS 1,879 -> 1,781 MiB without them; docs/benchmarks.md, speed study). Run such a config without ZeRO
+    (stage 0), where DeepSpeed steps the optimizer on the weights themselves. The choice depends on the
     config and the number of ranks alone, so a resume on as many ranks makes it again, and one on another number
     reads `trainable.safetensors`, which no stage changes (checkpoint.py). Returns whether it dropped ZeRO."""
     zero = ds["zero_optimization"]

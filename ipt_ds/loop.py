@@ -129,7 +129,9 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
     skip_nonfinite_updates(engine)
-    if world == 1:  # nothing to average: DeepSpeed would still copy every gradient into a flat buffer and back
+    if world == 1 and ds_config["zero_optimization"]["stage"] == 0:
+        # Nothing to average: DeepSpeed would still copy every gradient into a flat buffer and back. (ZeRO-2/3 move
+        # the gradients into their partitions in that call, so they keep it.)
         engine.enable_backward_allreduce = False
     failures.watch_loss(engine.module)
     prepare_run_dir(cfg, out, rank)
