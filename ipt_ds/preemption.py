@@ -91,11 +91,14 @@ def _on_signal(signum: int, _frame) -> None:
 
 def agreed(device) -> bool:
     """Whether any rank has received a stop signal; every rank calls it at the same step boundary. One all-reduce
-    of one integer on `device` (the engine's), skipped when no stop signal is caught (all ranks read one config)."""
+    of one integer on `device` (the engine's), skipped when no stop signal is caught (all ranks read one config)
+    and on a single rank."""
     import torch
 
     if not _installed:
         return False
+    if torch.distributed.get_world_size() == 1:
+        return bool(_received)
     flag = torch.tensor([1 if _received else 0], device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())
