@@ -14,7 +14,7 @@ fine-tuning config with method linear_probe, a linear head and no dropout. Arms,
 where PEFT has the method (prompt tuning, P-tuning, prefix tuning, P-tuning v2; full fine-tuning with a linear head);
 - `kernel`: the step kernel alone on our batches: the same model, batches, gradient clipping and fused AdamW in a
   bare loop (forward, backward, clip, step), no DeepSpeed, no logging; with the cache, its states computed once in
-  epoch 1 as ours does.
+  epoch 1 (for the train split only: ours also caches the evaluation splits there).
   ours / kernel is the share of the end-to-end time that is the model's own compute.
 Each run is split into its first epoch (for ours with the cache: plus the pass that computes it) and the later ones;
 every row is (backbone, method, arm, phase) with samples/s, the process's peak RSS (ru_maxrss: loading and the final
@@ -91,7 +91,6 @@ def workload(config: str, overrides: list[str]) -> dict:
     lengths = [len(encoder(e)["input_ids"]) for e in train]
     per_sample = {cached: statistics.mean(useful_flops(model, batch_size=1, seq_len=n, cached=cached)
                                           for n in lengths) for cached in (False, True)}
-
     return {"examples": len(train), "batch_size": cfg.train.batch_size, "flops_per_sample": per_sample[False],
             "flops_per_sample_cached": per_sample[True], "cached": cfg.train.frozen_cache,
             "steps_per_epoch": len(global_train_batches(lengths, batch_size=cfg.train.batch_size, seed=cfg.run.seed)),
