@@ -15,7 +15,8 @@ and label words scoring the same splits with nothing trained (a verbalizer head;
 dev or test file).
 `--peft` adds, after each config that PEFT + HF Trainer can reproduce (prompt tuning, prefix tuning, P-tuning v1 and
 v2; full fine-tuning with a linear head), a row `peft/<config>`: the same cells run by `benchmarks.peft_trainer` (same
-seeds, data seeds and overrides) into runs/peft-<config>-seed<seed>, resumable the same way.
+seeds, data seeds and overrides) into runs/peft-<config>-seed<seed>, resumable the same way; `--peft CONFIG ...`
+adds those rows for the configs named only.
 Writes results.json, results.md and results.png in the study folder.
 """
 
@@ -192,8 +193,9 @@ def main() -> None:
     parser.add_argument("--override", nargs="*", action="extend", default=[],
                         help="--section.key=value flags for every cell (repeatable)")
     parser.add_argument("--name", default="accuracy", help="study folder under benchmarks/results/")
-    parser.add_argument("--peft", action="store_true",
-                        help="also run each config's PEFT + HF Trainer counterpart (rows peft/<config>)")
+    parser.add_argument("--peft", nargs="*", type=Path, metavar="CONFIG",
+                        help="also run each config's PEFT + HF Trainer counterpart (rows peft/<config>); with CONFIGs, "
+                             "only theirs")
     parser.add_argument("--zero-shot", type=Path, metavar="CONFIG",
                         help="add a zero-shot row: CONFIG's backbone, template and label words, nothing trained")
     args = parser.parse_args()
@@ -209,7 +211,7 @@ def main() -> None:
     for c in args.configs:
         cells[f"{c.parent.name}/{c.stem}"] = [run_cell(out, c, seed, args.num_ranks, args.override, data_seed)
                                               for seed, data_seed in zip(args.seeds, data_seeds)]
-        if args.peft and has_peft_counterpart(c):
+        if args.peft is not None and (not args.peft or c in args.peft) and has_peft_counterpart(c):
             cells[f"peft/{c.parent.name}/{c.stem}"] = [run_peft_cell(out, c, seed, args.override, data_seed)
                                                        for seed, data_seed in zip(args.seeds, data_seeds)]
     write_report(out, summarize(cells), "python -m benchmarks.accuracy " + " ".join(sys.argv[1:]))
