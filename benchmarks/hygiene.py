@@ -71,6 +71,11 @@ def run_watched(cmd: list[str], *, cores: list[int], log: Path, env: dict | None
             "runnable_threads": round(runnable, 2), "cpus": cpus, "oversubscribed": runnable > OVERSUBSCRIBED * cpus}
 
 
+def machine(run: dict) -> dict:
+    """What a study keeps of `run_watched`'s record beside its own figures: the load the cell ran under."""
+    return {key: run[key] for key in ("threads", "load_average", "runnable_threads", "oversubscribed")}
+
+
 def gemm(cores: list[int], *, seconds: float = 5.0) -> float:
     """FLOP/s of an fp32 2048^3 torch.mm in one process pinned to `cores` with as many threads."""
     spec = {"device": "cpu", "dtype": "float32", "m": 2048, "k": 2048, "n": 2048, "threads": len(cores),

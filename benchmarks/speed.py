@@ -69,29 +69,33 @@ STUDIES = {  # backbone -> method -> (config, overrides)
 ARMS = ("ours", "kernel", "peft", "peft_default")
 
 
-def load(config: str, overrides: list[str]):
-    from ipt_ds.config import load_config
+def built(config: str, overrides: list[str]):
+    """(config, model, pad id, encoded training examples) of a cell, built in this process as `ipt-ds train` does."""
+    import torch
 
-    return load_config(Path(config), parse_overrides(overrides))
+    from ipt_ds.config import load_config
+    from ipt_ds.data.pipeline import load_task_splits
+    from ipt_ds.data.tasks import get_task
+    from ipt_ds.model import build_model
+
+    cfg = load_config(Path(config), parse_overrides(overrides))
+    torch.manual_seed(cfg.run.seed)
+    _, train, _, _ = load_task_splits(cfg.data, cfg.run.seed)
+    model, encoder = build_model(cfg, get_task(cfg.data.task), dtype=torch.float32, ds_config=None)
+    return cfg, model, encoder.tokenizer.pad_token_id, [encoder(e) for e in train]
 
 
 def workload(config: str, overrides: list[str]) -> dict:
     """What the arms share: the train split's size, our steps per epoch, and the useful FLOPs per sample with and
     without the frozen layers (the model built in this process, on the real training examples)."""
-    import torch
-
     from benchmarks.peft_trainer import has_counterpart
-    from ipt_ds.data.pipeline import global_train_batches, load_task_splits
-    from ipt_ds.data.tasks import get_task
-    from ipt_ds.model import build_model
+    from ipt_ds.data.pipeline import global_train_batches
 
-    cfg = load(config, overrides)
-    _, train, _, _ = load_task_splits(cfg.data, cfg.run.seed)
-    model, encoder = build_model(cfg, get_task(cfg.data.task), dtype=torch.float32, ds_config=None)
-    lengths = [len(encoder(e)["input_ids"]) for e in train]
+    cfg, model, _, features = built(config, overrides)
+    lengths = [len(f["input_ids"]) for f in features]
     per_sample = {cached: statistics.mean(useful_flops(model, batch_size=1, seq_len=n, cached=cached)
                                           for n in lengths) for cached in (False, True)}
-    return {"examples": len(train), "batch_size": cfg.train.batch_size, "flops_per_sample": per_sample[False],
+    return {"examples": len(features), "batch_size": cfg.train.batch_size, "flops_per_sample": per_sample[False],
             "flops_per_sample_cached": per_sample[True], "cached": cfg.train.frozen_cache,
             "steps_per_epoch": len(global_train_batches(lengths, batch_size=cfg.train.batch_size, seed=cfg.run.seed)),
             "peft": has_counterpart(cfg), "trainable": model.parameter_report()["trainable"]}
@@ -129,8 +133,8 @@ def measure(out: Path, cell: dict, work: dict, cores: list[int]) -> dict:
             windows[0]["seconds"] += float(precompute.group(1))
     else:  # the kernel and PEFT print theirs
         windows = json.loads(done["stdout"].strip().splitlines()[-1])["windows"]
-    machine = {key: done[key] for key in ("threads", "load_average", "runnable_threads", "oversubscribed")}
-    return {**cell, **machine, "peak_rss_mib": done["peak_rss_mib"], "windows": windows, "wall_s": done["wall_s"]}
+    return {**cell, **hygiene.machine(done), "peak_rss_mib": done["peak_rss_mib"], "windows": windows,
+            "wall_s": done["wall_s"]}
 
 
 def kernel(cell: dict) -> dict:
@@ -138,17 +142,11 @@ def kernel(cell: dict) -> dict:
     import torch
 
     from ipt_ds.data.encode import collate
-    from ipt_ds.data.pipeline import global_train_batches, load_task_splits
-    from ipt_ds.data.tasks import get_task
+    from ipt_ds.data.pipeline import global_train_batches
     from ipt_ds.engine import build_optimizer
-    from ipt_ds.model import build_model
 
-    cfg = load(cell["config"], [*cell["overrides"], "--run.seed=1"])
-    torch.manual_seed(cfg.run.seed)
-    _, train, _, _ = load_task_splits(cfg.data, cfg.run.seed)
-    model, encoder = build_model(cfg, get_task(cfg.data.task), dtype=torch.float32, ds_config=None)
-    features = [encoder(e) for e in train]
-    lengths, pad_id = [len(f["input_ids"]) for f in features], encoder.tokenizer.pad_token_id
+    cfg, model, pad_id, features = built(cell["config"], [*cell["overrides"], "--run.seed=1"])
+    lengths = [len(f["input_ids"]) for f in features]
     optimizer, _ = build_optimizer(model, cfg, total_steps=1)
     windows = []
     for epoch in range(cell["epochs"]):

@@ -105,13 +105,13 @@ def measure(cell: dict) -> dict:
         step()
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS (VmHWM) := current RSS
     start_rss = rss_mib("VmRSS")
-    times = [step() for _ in range(cell["steps"])]
+    step_s = statistics.median(step() for _ in range(cell["steps"]))
     counts = model.parameter_report()
     flops = useful_flops(model, batch_size=batch_size, seq_len=seq_len)
-    return {**cell, "step_s": statistics.median(times), "start_rss_mib": start_rss,
+    return {**cell, "step_s": step_s, "start_rss_mib": start_rss,
             "peak_rss_mib": rss_mib("VmHWM"), "trainable": counts["trainable"], "backbone": counts["backbone"],
             "layer": getattr(model.method, "layer", None), "num_layers": model.backbone.num_layers,
-            "step_flops": flops, "useful_flops_per_s": flops / statistics.median(times)}
+            "step_flops": flops, "useful_flops_per_s": flops / step_s}
 
 
 def useful_flops(model, *, batch_size: int, seq_len: int, cached: bool = False) -> float:
@@ -145,8 +145,7 @@ def run_cell(out: Path, cell: dict, cores: list[int]) -> dict:
                                   cores=cores, log=out / "runs" / f"{cell['id']}.log")
         if run["returncode"] != 0:
             raise SystemExit(f"cell {cell['id']} failed; see {out / 'runs' / cell['id']}.log")
-        machine = {key: run[key] for key in ("threads", "load_average", "runnable_threads", "oversubscribed")}
-        path.write_text(json.dumps({**json.loads(run["stdout"].strip().splitlines()[-1]), **machine}))
+        path.write_text(json.dumps({**json.loads(run["stdout"].strip().splitlines()[-1]), **hygiene.machine(run)}))
         print(f"{cell['id']}: {json.loads(path.read_text())['step_s']:.3f} s/step", flush=True)
     return json.loads(path.read_text())
 
