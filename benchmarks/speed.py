@@ -215,8 +215,9 @@ def report(rows: list[dict], works: dict) -> tuple[list[str], list[str]]:
                     continue
                 busy = "*" if any(r["oversubscribed"] for r in later) else ""
                 rate, rss = median(later, "samples_per_s"), median(later, "peak_rss_mib")
-                ratio = "" if arm == "ours" else f"{ours_rate / rate:.2f}"
-                rss_ratio = "" if arm == "ours" else f"{ours_rss / rss:.2f}"
+                mine_too = arm != "ours" and ours_rate is not None  # a ratio where the study ran ours as well
+                ratio = f"{ours_rate / rate:.2f}" if mine_too else ""
+                rss_ratio = f"{ours_rss / rss:.2f}" if mine_too else ""
                 lines.append(f"| {method}{busy} | {arm} | "
                              f"{median(mine, 'samples_per_s', method=method, arm=arm, phase='first'):.2f} | "
                              f"{rate:.2f} | {ratio} | {rss:,.0f} | {rss_ratio} | "
@@ -224,16 +225,16 @@ def report(rows: list[dict], works: dict) -> tuple[list[str], list[str]]:
                              f"{median(later, 'fraction_of_gemm'):.2f} |")
             for arm, goal in (("peft", 1.0), ("peft_default", 1.25)):  # where the study ran those arms
                 theirs = median(mine, "samples_per_s", method=method, arm=arm, phase="later")
-                if theirs:
+                if theirs and ours_rate:
                     targets.append(target(f"{backbone} {method}: samples/s ≥ {goal}x {arm}", ours_rate / theirs, goal))
             theirs = median(mine, "peak_rss_mib", method=method, arm="peft", phase="later")
-            if theirs:
+            if theirs and ours_rss:
                 targets.append(target(f"{backbone} {method}: peak RSS ≤ 1.0x PEFT on our batches", ours_rss / theirs,
                                       1.0, below=True))
         for method in works[backbone]:
             bare = median(mine, "samples_per_s", method=method, arm="kernel", phase="later")
-            if bare:
-                ours = median(mine, "samples_per_s", method=method, arm="ours", phase="later")
+            ours = median(mine, "samples_per_s", method=method, arm="ours", phase="later")
+            if bare and ours:
                 targets.append(target(f"{backbone} {method}: samples/s ≥ 0.9x the step kernel's", ours / bare, 0.9))
         later = {m: median(mine, "samples_per_s", method=m, arm="ours", phase="later") for m in works[backbone]}
         peak = {m: median(mine, "peak_rss_mib", method=m, arm="ours", phase="later") for m in works[backbone]}

@@ -204,23 +204,50 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int):
     return optimizer, scheduler
 
 
-def skip_nonfinite_updates(engine) -> None:
+def steps_plain_optimizer(ds: dict) -> bool:
+    """Whether DeepSpeed will step our torch optimizer itself: without ZeRO, in fp32 (ZeRO and the fp16/bf16 modes
+    wrap it in an optimizer of their own, which checks and clips the gradients itself)."""
+    return ds["zero_optimization"].get("stage", 0) == 0 and ds_dtype(ds) == torch.float32
+
+
+def take_over_clipping(ds: dict) -> float:
+    """Where DeepSpeed steps our optimizer directly (`steps_plain_optimizer`), clip in that optimizer's step
+    (`guard_optimizer_step`) instead of in DeepSpeed, and return the norm to clip to (0: none). DeepSpeed clips there
+    one tensor at a time and averages the norm over the ranks with an all-reduce, although without ZeRO every rank
+    holds the same averaged gradients: on one CPU rank, about half of a cached linear probe's step (docs/benchmarks.md,
+    speed). The norm and the factor are the same as DeepSpeed's; give DeepSpeed the config with `gradient_clipping`
+    0 when this returns a norm."""
+    return ds["gradient_clipping"] if steps_plain_optimizer(ds) else 0.0
+
+
+def guard_optimizer_step(engine, clip: float = 0.0) -> None:
     """Without ZeRO (and in fp32) DeepSpeed steps the torch optimizer directly and would apply a NaN/inf gradient;
     give it the check that ZeRO's wrappers make: no update, and `overflow` set, which DeepSpeed reads to count a
-    skipped step and hold the schedule. DeepSpeed's own optimizer wrappers are left alone: they check themselves."""
+    skipped step and hold the schedule. With `clip` > 0 (`take_over_clipping`) the step also scales the gradients to
+    a global L2 norm of at most `clip`, as DeepSpeed would have. DeepSpeed's own optimizer wrappers are left alone:
+    they check and clip themselves."""
     optimizer = engine.optimizer
     if not isinstance(optimizer, torch.optim.Optimizer):
+        if clip:
+            raise RuntimeError("gradient clipping was taken from DeepSpeed, which wrapped the optimizer after all")
         return
     update = optimizer.step
 
     @torch.no_grad()
     def step(closure=None):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        # max |g| per tensor: one read pass, inf or NaN exactly where a value is (isfinite would write a mask as
-        # large as the gradients, a tenth of a full fine-tuning step on MiniLM)
-        optimizer.overflow = bool(grads) and not bool(torch.stack(torch._foreach_norm(grads, float("inf")))
-                                                      .isfinite().all())
-        return None if optimizer.overflow else update(closure)
+        if not grads:
+            optimizer.overflow = False
+            return update(closure)
+        # one read pass: the norm is NaN/inf exactly where a gradient holds one (an fp32 sum of squares past 3e38
+        # also reads as inf, and clipping it would zero the update: skipped instead)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        optimizer.overflow = not bool(norm.isfinite())
+        if optimizer.overflow:
+            return None
+        if clip:
+            torch._foreach_mul_(grads, torch.clamp(clip / (norm + 1e-6), max=1.0))
+        return update(closure)
 
     optimizer.overflow = False
     optimizer.step = step
@@ -236,7 +263,8 @@ def nonfinite_step(engine, loss: float, *, fp16: bool) -> tuple[bool, bool]:
     normal calibration and do not count."""
     flags = torch.tensor([float(not math.isfinite(loss)), float(not fp16 and not engine.was_step_applied())],
                          device=engine.device)
-    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     return bool(flags[0]), bool(flags[1])
 
 

@@ -26,10 +26,11 @@ from ipt_ds.engine import (
     build_optimizer,
     drop_single_rank_zero,
     fit_zero3_buckets,
+    guard_optimizer_step,
     init_distributed,
     nonfinite_step,
     resolve_ds_config,
-    skip_nonfinite_updates,
+    take_over_clipping,
     unmap_freed_gathers,
 )
 from ipt_ds.recipes import Recipe, recipe_for
@@ -126,9 +127,11 @@ def train(cfg: Config, recipe: Recipe | None = None) -> dict:
     checkpoint_every = cfg.run.checkpoint_every or eval_every
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     counts = model.parameter_report()
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+    clip = take_over_clipping(ds_config)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config={**ds_config, "gradient_clipping": 0.0} if clip else ds_config,
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
-    skip_nonfinite_updates(engine)
+    guard_optimizer_step(engine, clip)
     if world == 1 and ds_config["zero_optimization"]["stage"] == 0:
         # Nothing to average: DeepSpeed would still copy every gradient into a flat buffer and back. (ZeRO-2/3 move
         # the gradients into their partitions in that call, so they keep it.)

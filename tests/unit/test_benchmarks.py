@@ -554,3 +554,5 @@ def test_speed_study_splits_epochs_and_reports_each_target_met_or_not():
     assert "| minilm prompt_tuning: useful FLOP/s ≥ 0.70 of the GEMM rate | 1.00 | met |" in targets
     assert "| full | kernel | 33.33 | 33.33 | 0.75 | 1,400 | 1.07 | 333.3 | 0.33 |" in table
     assert "| minilm full: samples/s ≥ 0.9x the step kernel's | 0.75 | not met |" in targets
+    table, targets = speed.report([r for r in rows if r["arm"] != "ours"], works)  # a study without our arm
+    assert "| full | kernel | 33.33 | 33.33 |  | 1,400 |  | 333.3 | 0.33 |" in table and targets == []

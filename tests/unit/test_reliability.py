@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ipt_ds.engine import skip_nonfinite_updates
+from ipt_ds.engine import guard_optimizer_step
 from tests import ranks
 
 START_UP_SIGNAL = """
@@ -67,10 +67,36 @@ def test_without_zero_a_nonfinite_gradient_changes_neither_weights_nor_optimizer
     """The check given to the plain torch optimizer, which DeepSpeed steps directly without ZeRO."""
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([weight], lr=0.1)
-    skip_nonfinite_updates(SimpleNamespace(optimizer=optimizer))
+    guard_optimizer_step(SimpleNamespace(optimizer=optimizer))
     weight.grad = torch.tensor([1.0, float("inf"), 0.0])
     optimizer.step()
     assert optimizer.overflow and torch.equal(weight.detach(), torch.ones(3)) and not optimizer.state
     weight.grad = torch.ones(3)
     optimizer.step()
     assert not optimizer.overflow and not torch.equal(weight.detach(), torch.ones(3))
+
+
+
+@pytest.mark.parametrize("clip", [0.5, 100.0])
+def test_without_zero_the_step_clips_as_deepspeed_does(clip):
+    """The clipping taken over from DeepSpeed (`take_over_clipping`) scales the gradients to a global L2 norm of at most
+    `clip` by clip / (norm + 1e-6) capped at 1, DeepSpeed's factor and torch's: the same update as torch's
+    clip_grad_norm_ followed by the plain step (SGD at lr 1, so the update is the clipped gradient)."""
+    torch.manual_seed(0)
+    shapes = [(4, 3), (3,), (7,)]
+    grads = [torch.randn(shape) * 3 for shape in shapes]
+    ours, theirs = ([torch.nn.Parameter(torch.zeros(shape)) for shape in shapes] for _ in range(2))
+    for params in (ours, theirs):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+    optimizer = torch.optim.SGD(ours, lr=1.0)
+    guard_optimizer_step(SimpleNamespace(optimizer=optimizer), clip)
+    optimizer.step()
+    torch.nn.utils.clip_grad_norm_(theirs, clip)
+    torch.optim.SGD(theirs, lr=1.0).step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+    update = torch.linalg.vector_norm(torch.cat([p.detach().flatten() for p in ours]))
+    norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+    assert norm > 0.5 and norm < 100.0  # one case clips, the other leaves the gradients as they are
+    torch.testing.assert_close(update, torch.clamp(norm, max=clip))
