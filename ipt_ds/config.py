@@ -157,7 +157,8 @@ class OptimConfig:
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     """Decay after warm-up: linear or cosine to 0, or constant."""
     grad_clip: float = 1.0
-    """Global gradient-norm clip (0: off). Written into the DeepSpeed config as gradient_clipping."""
+    """Global gradient-norm clip (0: off). Written into the DeepSpeed config as gradient_clipping; without ZeRO in fp32
+    the trainer clips in the optimizer step itself, with the same norm and factor."""
 
     def validate(self) -> list[str]:
         problems = [] if 0 < self.lr < math.inf else [f"optim.lr must be > 0 and finite, got {self.lr}"]
