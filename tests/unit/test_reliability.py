@@ -76,7 +76,6 @@ def test_without_zero_a_nonfinite_gradient_changes_neither_weights_nor_optimizer
     assert not optimizer.overflow and not torch.equal(weight.detach(), torch.ones(3))
 
 
-
 @pytest.mark.parametrize("clip", [0.5, 100.0])
 def test_without_zero_the_step_clips_as_deepspeed_does(clip):
     """The clipping taken over from DeepSpeed (`take_over_clipping`) scales the gradients to a global L2 norm of at most
