@@ -95,16 +95,16 @@ def zero_shot_cell(out: Path, config: Path, overrides: list[str]) -> dict:
     import socket
 
     import torch
-    import yaml
 
     from ipt_ds.config import config_from_dict
+    from ipt_ds.confload import read_yaml
     from ipt_ds.data.pipeline import load_task_splits
     from ipt_ds.metrics import constant_baseline, record_split
     from ipt_ds.model import build_model
     from ipt_ds.recipes.text import evaluate
 
     start = time.perf_counter()
-    sections = {**yaml.safe_load(config.read_text()), "method": {"name": "linear_probe"}}
+    sections = {**read_yaml(config.read_text()), "method": {"name": "linear_probe"}}
     cfg = config_from_dict(sections, parse_overrides(overrides), source=str(config))
     if cfg.head.type != "verbalizer":
         raise SystemExit(f"--zero-shot {config}: head.type is {cfg.head.type!r}; a zero-shot row needs the verbalizer")

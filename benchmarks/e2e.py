@@ -30,9 +30,9 @@ def zero_shot_cell(out: Path, config: Path, overrides: list[str]) -> dict:
     if (run / "results.json").exists():
         return json.loads((run / "results.json").read_text())
     import torch
-    import yaml
 
     from ipt_ds.config import config_from_dict
+    from ipt_ds.confload import read_yaml
     from ipt_ds.data.generation import collate_left, load_generation_split
     from ipt_ds.data.tasks import get_task
     from ipt_ds.metrics import generation_metrics
@@ -40,7 +40,7 @@ def zero_shot_cell(out: Path, config: Path, overrides: list[str]) -> dict:
     from ipt_ds.recipes.generation import generate, write_generations
 
     start = time.perf_counter()
-    sections = {**yaml.safe_load(config.read_text()), "method": {"name": "linear_probe"}}
+    sections = {**read_yaml(config.read_text()), "method": {"name": "linear_probe"}}
     cfg = config_from_dict(sections, parse_overrides(overrides), source=str(config))
     task = get_task(cfg.data.task)
     model, encoder = build_model(cfg, task, dtype=torch.float32, ds_config=None)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from ipt_ds import failures
 from ipt_ds.backbone import gathered
-from ipt_ds.confload import current_names
+from ipt_ds.confload import current_names, read_yaml
 from ipt_ds.methods import METHODS
 from ipt_ds.peft_export import write_peft_adapter
 
@@ -411,7 +411,7 @@ def check_resume_config(out: Path, config: dict) -> None:
     """Refuse to resume `out` with settings that change the run (method, model, data, global batch, optimizer, ...);
     reads the config.yaml the run wrote at its start."""
     try:
-        saved = yaml.safe_load((out / "config.yaml").read_text())
+        saved = read_yaml((out / "config.yaml").read_text())
     except (OSError, ValueError, yaml.YAMLError) as err:
         raise ValueError(f"--run.resume: cannot read config.yaml of the run in '{out}' ({err})") from None
     if not isinstance(saved, dict):

@@ -19,6 +19,24 @@ import yaml
 log = logging.getLogger(__name__)
 
 
+class YamlLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` with YAML 1.2's booleans: only true and false. YAML 1.1 also reads yes, no, on and off as
+    booleans, which turned the label words `[Yes, No]` into "True" and "False"; here they stay strings, and a boolean
+    key still accepts them (`convert`)."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML text the way configs are read (`YamlLoader`)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - YamlLoader is a SafeLoader
+
+
 class ConfigError(ValueError):
     """Every problem found in one configuration, one per line."""
 
@@ -38,7 +56,7 @@ def load_yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
             from None
     try:
         node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        data = read_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -79,7 +97,7 @@ def _type_name(tp: Any) -> str:
 def _parse_yaml_value(text: str) -> Any:
     """A list or mapping written inline in YAML, e.g. `--head.label_words=[no, yes]`."""
     try:
-        return yaml.safe_load(text)
+        return read_yaml(text)
     except yaml.YAMLError as err:
         reason = " ".join(str(getattr(err, "problem", None) or err).split())
         raise ValueError(f"{text!r} is not a readable YAML list or mapping ({reason})") from None
