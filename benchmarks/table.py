@@ -63,20 +63,20 @@ def write_report(out: Path, table: dict, command: str) -> None:
     import matplotlib.pyplot as plt
 
     rows, width = table["rows"], 0.8 / len(table["rows"])
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: a table has up to about that many rows
     fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 3, 4.5))
     for i, row in enumerate(rows):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(columns))]
         cells = [row["cells"][study] for study in columns]
         ax.bar(xs, [c["mean"] if c else 0.0 for c in cells], width, yerr=[c["sd"] if c else 0.0 for c in cells],
-               label=row["config"])
+               label=row["config"], color=colors[i % len(colors)])
     for j, study in enumerate(columns):
         if table["baseline"][study] is not None:
             ax.plot([j - 0.45, j + 0.45], [table["baseline"][study]] * 2, color="black", linestyle="--")
     ax.set_xticks(range(len(columns)), columns, rotation=20)
-    ax.set_ylabel("reported metric (mean ± sd over seeds); dashed: one constant answer's score")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=120)
+    ax.set_ylabel("mean ± sd over seeds\n(dashed: one constant answer)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(out / "results.png", dpi=120, bbox_inches="tight")
 
 
 def main() -> None:
