@@ -23,7 +23,6 @@ def test_precedence_defaults_yaml_flags(tmp_path):
     assert cfg.head.label_words == ["Yes", "No"]
 
 
-
 def test_yes_and_no_stay_words_in_a_file_and_in_a_flag(tmp_path):
     """YAML 1.1 reads yes, no, on and off as booleans; that turned the label words [Yes, No] into "True" and "False"."""
     path = tmp_path / "c.yaml"
@@ -32,6 +31,7 @@ def test_yes_and_no_stay_words_in_a_file_and_in_a_flag(tmp_path):
     assert cfg.head.label_words == ["Yes", "No", "Maybe"]
     assert cfg.run.overwrite is True and cfg.run.debug is False  # a boolean key still takes yes
     assert load_config(path, {"head.label_words": "[on, Off]"}).head.label_words == ["on", "Off"]
+
 
 def test_method_section_uses_the_method_config(tmp_path):
     path = write_config(tmp_path / "c.yaml", {"method": {"name": "prompt_tuning", "num_virtual_tokens": "8"}})
