@@ -34,7 +34,11 @@ YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true
 
 def read_yaml(text: str) -> Any:
     """Parse YAML text the way configs are read (`YamlLoader`)."""
-    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - YamlLoader is a SafeLoader
+    loader = YamlLoader(text)  # what yaml.safe_load does, with our loader
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 class ConfigError(ValueError):
