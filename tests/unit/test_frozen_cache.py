@@ -52,8 +52,9 @@ PROBE = {"method.name": "linear_probe"}
 @pytest.mark.parametrize(("method", "head"), [(LPT, "linear"), (LPT, "verbalizer"), (PROBE, "linear")],
                          ids=["lpt-linear", "lpt-verbalizer", "linear_probe"])
 def test_cached_states_give_the_same_losses_and_gradients(family, method, head, tiny_models, data):
-    """Bitwise, in fp32: states cached in length-sorted batches of 5, trained on in other mixes and paddings. LPT
-    caches the states entering layer k = 1; the linear probe, the last layer's output (its final norm and head run)."""
+    """In fp32, to the last bit or two: states cached in length-sorted batches of 5, trained on in other mixes and
+    paddings. LPT caches the states entering layer k = 1; the linear probe, the last layer's output (its final norm and
+    head run)."""
     model, encoder = build(family, tiny_models, {"head.type": head}, method=method)
     model.train()
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -74,8 +75,10 @@ def test_cached_states_give_the_same_losses_and_gradients(family, method, head, 
         (plain_loss, plain_grads, plain_lower), (cached_loss, cached_grads, cached_lower) = results
         assert (plain_lower, cached_lower) == (1, 0), "with cached states the layers below k do not run"
         assert trained and all(g.abs().sum() > 0 for g in plain_grads)
-        assert torch.equal(cached_loss, plain_loss)
-        assert all(torch.equal(a, b) for a, b in zip(cached_grads, plain_grads))
+        # The states were computed in batches of other shapes; on some CPUs the GEMM rounds the last bit by shape.
+        torch.testing.assert_close(cached_loss, plain_loss, rtol=1e-6, atol=0)
+        for a, b in zip(cached_grads, plain_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize(("overrides", "reason"), [
